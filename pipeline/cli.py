@@ -1,0 +1,120 @@
+"""Command line: `vaepipe prepare | fit | eval | sample | config` (also `python -m pipeline`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.config import ConfigError, load_config, to_yaml
+from pipeline.data.shards import ShardError
+from pipeline.data.sources import SOURCE_NAMES
+
+EXAMPLES = """examples:
+  vaepipe fit                                        # default: VAE on procedural sprites
+  vaepipe fit -c configs/vae_mnist.yaml data.source=../shared/data/mnist trainer.max_epochs=5
+  vaepipe eval runs/vae_mnist/checkpoints/last.ckpt --k 5000
+  vaepipe sample runs/vae_sprites/checkpoints/last.ckpt --out samples.png
+"""
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", action="append", default=[], metavar="FILE",
+                   help="YAML config file; repeat to merge several in order")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides, e.g. model.beta=4")
+
+
+def _sizes(text: str | None) -> dict | None:
+    if not text:
+        return None
+    try:
+        return {k: int(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sizes wants e.g. train=1000,val=100,test=100, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vaepipe", description="Train and evaluate VAE-family models.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="write WebDataset shards + manifest.json for a data set")
+    p.add_argument("name", choices=SOURCE_NAMES)
+    p.add_argument("--out", required=True, help="output folder (shards and manifest.json)")
+    p.add_argument("--source", help="raw input: mnist idx folder, binarized-mnist/npz .npz, frey .npy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sizes", type=_sizes, help="split sizes for generated sources, e.g. train=1000,val=100,test=100")
+    p.add_argument("--shard-bytes", type=int, default=64_000_000, help="start a new shard after this many bytes")
+    p.add_argument("--shard-samples", type=int, default=0, help="... or after this many samples (0: no limit)")
+    p.add_argument("--force", action="store_true", help="rebuild even if a manifest exists")
+    p.add_argument("--verify", action="store_true", help="only check existing shards against the manifest")
+
+    p = sub.add_parser("fit", help="train a model (prepares missing shards first)")
+    _config_args(p)
+
+    p = sub.add_parser("config", help="print the resolved config")
+    _config_args(p)
+
+    p = sub.add_parser("eval", help="ELBO, IWAE bound and importance-sampled -log p(x) on a split")
+    p.add_argument("ckpt", help="checkpoint file or run folder")
+    p.add_argument("--k", type=int, default=5000, help="importance samples per example (default 5000)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--limit", type=int, help="only the first N examples")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--chunk", type=int, default=500, help="samples per pass (bounds memory)")
+    p.add_argument("--data-root", help="shards folder (default: the one in the checkpoint's config)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("sample", help="PNG grids of prior samples and reconstructions")
+    p.add_argument("ckpt", help="checkpoint file or run folder")
+    p.add_argument("--out", required=True, help="samples PNG; reconstructions go to <stem>_recon.png")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root", help="shards folder for the reconstructions")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "prepare":
+        from pipeline.data.shards import prepare, verify
+
+        if args.verify:
+            problems = verify(args.out)
+            print("\n".join(problems) if problems else f"{args.out}: all shards match the manifest")
+            return 1 if problems else 0
+        prepare(args.name, args.out, source=args.source, seed=args.seed, sizes=args.sizes,
+                shard_bytes=args.shard_bytes, shard_samples=args.shard_samples, force=args.force)
+    elif args.command == "config":
+        print(to_yaml(load_config(args.config, args.overrides)), end="")
+    elif args.command == "fit":
+        from pipeline.train import fit
+
+        fit(load_config(args.config, args.overrides))
+    elif args.command == "eval":
+        from pipeline.evaluate import evaluate
+
+        r = evaluate(args.ckpt, k=args.k, split=args.split, limit=args.limit, batch_size=args.batch_size,
+                     chunk=args.chunk, data_root=args.data_root, seed=args.seed, progress=not args.json)
+        if args.json:
+            print(json.dumps(r))
+        else:
+            print(f"{r['split']}: {r['examples']} examples, K={r['k']}, {r['seconds']:.1f} s (nats per example)")
+            for key, value in r.items():
+                if key.startswith(("elbo", "iwae", "nll")):
+                    print(f"  {key:20s} {value:10.3f}")
+    elif args.command == "sample":
+        from pipeline.evaluate import sample
+
+        for path in sample(args.ckpt, args.out, n=args.n, seed=args.seed, data_root=args.data_root):
+            print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        sys.exit(run(args))
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, ShardError) as err:
+        print(f"vaepipe {args.command}: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,190 @@
+"""Typed configuration: one dataclass per group, YAML files merged in order, then dotlist overrides.
+
+An unknown key or a value of the wrong type fails here, before any training, naming the key and
+the valid keys of its group (omegaconf's structured configs do the checking).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+
+@dataclass
+class ModelConfig:
+    objective: str = "elbo"  # elbo | iwae
+    k: int = 1  # latent samples per example (ELBO: mean of K ELBOs; IWAE: L_K)
+    beta: float = 1.0  # KL weight (beta-VAE, Concept 11.25); 1 is the VAE
+    beta_warmup_steps: int = 0  # linear warm-up of beta from 0 over this many steps
+    estimator: str = "reparam"  # reparam | score (log-derivative with baseline, Concept 11.22)
+    likelihood: str = "bernoulli"  # bernoulli (logits) | gaussian (N(f(z), sigma^2 I))
+    sigma: float = 1.0  # Gaussian decoder std: fixed value, or initial value when learn_sigma
+    learn_sigma: bool = False
+    arch: str = "conv"  # conv (64x64 images) | mlp
+    latent_dim: int = 10
+    hidden: list[int] = field(default_factory=lambda: [200, 200])  # MLP widths; [] = linear
+    activation: str = "relu"
+    conv_channels: list[int] = field(default_factory=lambda: [32, 32, 64, 64])
+    conv_hidden: int = 256
+    eval_k: int = 10  # K of the IWAE bound computed on validation (0 = skip)
+
+
+@dataclass
+class DataConfig:
+    name: str = "sprites"  # sprites | gmm | mnist | binarized-mnist | frey | npz
+    root: str = "data/${data.name}"  # folder with the shards and manifest.json
+    source: Optional[str] = None  # raw input for `prepare` (mnist folder, npz/npy file)
+    prepare: bool = True  # `fit` prepares missing shards (generated sources, or with `source`)
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    num_workers: int = 1
+    shuffle_buffer: int = 2000
+    binarize: str = "none"  # none | dynamic (x ~ Bernoulli(pixel), redrawn each pass) | threshold (> 0.5)
+    shard_bytes: int = 64_000_000  # new shard after this many bytes ...
+    shard_samples: int = 0  # ... or this many samples (0 = no count limit)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scheduler: str = "none"  # none | cosine | exponential | iwae (lr * 10^(-i/7) for 3^i epochs)
+    gamma: float = 0.999  # exponential decay per epoch
+    warmup_steps: int = 0  # linear learning-rate warm-up
+
+
+@dataclass
+class TrainerConfig:
+    """Passed to pytorch_lightning.Trainer as keyword arguments."""
+
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    max_steps: int = -1
+    max_epochs: Optional[int] = 5
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    val_check_interval: Any = None
+    check_val_every_n_epoch: Optional[int] = 1
+    log_every_n_steps: int = 50
+    gradient_clip_val: Optional[float] = None
+    num_sanity_val_steps: int = 0
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "csv"  # csv | wandb | tensorboard | none
+    mode: str = "offline"  # wandb: online | offline | disabled
+    project: str = "vaepipe"
+    image_every_n_epochs: int = 1  # image grids in the run folder (0 = never)
+
+
+@dataclass
+class RunConfig:
+    name: str = "vae_sprites"
+    dir: str = "runs/${run.name}"  # stable across restarts: derived from the config, never a timestamp
+    seed: int = 0
+    save_top_k: int = 1  # best checkpoints kept, by `monitor`
+    monitor: str = "val/loss"
+    every_n_train_steps: int = 0  # extra periodic checkpoints (0 = only at validation)
+    resume: str = "auto"  # auto (continue from the run folder's last.ckpt) | never | PATH to a checkpoint
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def _valid_keys(schema: DictConfig, full_key: str) -> str:
+    """The keys of the group that holds `full_key` ('model.kk' -> the keys of `model`)."""
+    node: Any = schema
+    for part in str(full_key).split(".")[:-1]:
+        if isinstance(node, DictConfig) and part in node:
+            node = node[part]
+    return ", ".join(node.keys()) if isinstance(node, DictConfig) else ""
+
+
+def _explain(err: OmegaConfBaseException, schema: DictConfig, origin: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+        return ConfigError(f"{origin}: unknown config key '{key}'. Valid keys here: {_valid_keys(schema, key)}")
+    msg = str(err).splitlines()[0]
+    return ConfigError(f"{origin}: bad value for '{key}': {msg}")
+
+
+CHOICES = {
+    "model.objective": ("elbo", "iwae"),
+    "model.estimator": ("reparam", "score"),
+    "model.likelihood": ("bernoulli", "gaussian"),
+    "model.arch": ("mlp", "conv"),
+    "data.binarize": ("none", "dynamic", "threshold"),
+    "optim.name": ("adam", "adamw", "sgd"),
+    "optim.scheduler": ("none", "cosine", "exponential", "iwae"),
+    "logger.backend": ("csv", "wandb", "tensorboard", "none"),
+    "logger.mode": ("online", "offline", "disabled"),
+}
+POSITIVE = ("model.k", "model.latent_dim", "data.batch_size", "data.eval_batch_size")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks a type cannot express: enumerations and positive counts."""
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"bad value for '{key}': {value!r}; choose one of {', '.join(allowed)}")
+    for key in POSITIVE:
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"bad value for '{key}': {OmegaConf.select(cfg, key)}; it must be >= 1")
+    if cfg.model.beta < 0:
+        raise ConfigError(f"bad value for 'model.beta': {cfg.model.beta}; it must be >= 0")
+
+
+def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> DictConfig:
+    """Compose the config: dataclass defaults <- each YAML file in order <- dotlist overrides."""
+    schema = OmegaConf.structured(Config)
+    cfg = schema.copy()
+    for f in files:
+        path = Path(f)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        except OmegaConfBaseException as err:
+            raise _explain(err, schema, str(path)) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value (e.g. model.beta=4)")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise _explain(err, schema, f"override '{item}'") from None
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise _explain(err, schema, "interpolation") from None
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,129 @@
+"""LightningModule for the VAE family (VAE, IWAE, beta-VAE): a thin layer over `pipeline.vae_math`."""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+
+from pipeline import vae_math
+from pipeline.models.components.vae import build_vae
+
+
+def iwae_schedule_factor(epoch: int) -> float:
+    """The IWAE paper's schedule: stage i lasts 3^i epochs at learning rate lr * 10^(-i/7)."""
+    stage, end = 0, 1
+    while epoch >= end:
+        stage += 1
+        end += 3**stage
+    return 10 ** (-stage / 7)
+
+
+class VAEModule(pl.LightningModule):
+    """Training, validation and test steps; logs loss, ELBO, reconstruction, KL, IWAE bound, active units."""
+
+    def __init__(self, config: dict, sample_shape: list[int]):
+        super().__init__()
+        self.save_hyperparameters()  # the resolved config travels in every checkpoint
+        self.cfg = OmegaConf.create(config)
+        self.vae = build_vae(self.cfg.model, tuple(sample_shape))
+        # Fixed prior draws: sample grids of successive epochs show the same z, so progress is visible.
+        gen = torch.Generator().manual_seed(self.cfg.run.seed)
+        self.register_buffer("fixed_z", torch.randn(64, self.cfg.model.latent_dim, generator=gen), persistent=False)
+        self._val_mu: list[torch.Tensor] = []
+        self.val_examples: torch.Tensor | None = None  # first validation inputs, for reconstruction grids
+
+    # --- objective --------------------------------------------------------------------------------
+
+    def beta(self) -> float:
+        m = self.cfg.model
+        return vae_math.linear_warmup(self.global_step, m.beta_warmup_steps, m.beta)
+
+    def objective(self, x: torch.Tensor, beta: float, estimator: str | None = None):
+        m = self.cfg.model
+        mu, logvar = self.vae.encode(x)
+        terms = vae_math.vae_objective(mu, logvar, lambda z: self.vae.log_px_given_z(x, z), objective=m.objective,
+                                       k=m.k, beta=beta, estimator=estimator or m.estimator)
+        return terms, mu, logvar
+
+    def _log_terms(self, stage: str, terms: dict, batch_size: int, on_step: bool) -> None:
+        metrics = {f"{stage}/{name}": terms[name].mean() for name in ("elbo", "recon", "kl", "iwae") if name in terms}
+        metrics[f"{stage}/loss"] = terms["loss"]
+        self.log_dict(metrics, on_step=on_step, on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step,
+                      prog_bar=False)
+
+    # --- steps ------------------------------------------------------------------------------------
+
+    def training_step(self, batch, batch_idx):
+        x = batch["x"]
+        beta = self.beta()
+        terms, _, _ = self.objective(x, beta)
+        self._log_terms("train", terms, x.shape[0], on_step=True)
+        self.log("train/beta", beta, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        self.log("loss", terms["loss"], prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        return terms["loss"]
+
+    def _eval_step(self, stage: str, batch, batch_idx):
+        x = batch["x"]
+        # Evaluation is always reparameterised and at the final beta, so losses compare across epochs.
+        terms, mu, logvar = self.objective(x, self.cfg.model.beta, estimator="reparam")
+        if self.cfg.model.eval_k > 0:
+            k = self.cfg.model.eval_k
+            terms[f"iwae{k}"] = vae_math.importance_sampled_log_px(
+                mu, logvar, lambda z: self.vae.log_px_given_z(x, z), k=k, chunk=k)
+            self.log(f"{stage}/iwae{k}", terms[f"iwae{k}"].mean(), on_epoch=True, batch_size=x.shape[0], sync_dist=True)
+        self._log_terms(stage, terms, x.shape[0], on_step=False)
+        self._val_mu.append(mu.detach())
+        if batch_idx == 0 and stage == "val":
+            self.val_examples = x[:32].detach()
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step("val", batch, batch_idx)
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step("test", batch, batch_idx)
+
+    def _log_active_units(self, stage: str) -> None:
+        if not self._val_mu:
+            return
+        mu = torch.cat(self._val_mu)
+        self._val_mu.clear()
+        if self.trainer.world_size > 1:  # active units need the variance over the whole split
+            mu = self.all_gather(mu).flatten(0, 1)
+        self.log(f"{stage}/active_units", float(vae_math.active_units(mu)), on_epoch=True, rank_zero_only=True)
+
+    def on_validation_epoch_end(self):
+        self._log_active_units("val")
+
+    def on_test_epoch_end(self):
+        self._log_active_units("test")
+
+    # --- optimisation -----------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        params = self.parameters()
+        if o.name == "sgd":
+            opt = torch.optim.SGD(params, lr=o.lr, momentum=o.betas[0], weight_decay=o.weight_decay)
+        else:
+            cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+            opt = cls(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        if o.scheduler == "none" and o.warmup_steps <= 0:
+            return opt
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if o.scheduler == "cosine" else 1
+
+        def factor(step: int) -> float:  # one step-wise multiplier: warm-up x schedule
+            warm = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps > 0 else 1.0
+            epoch = self.trainer.current_epoch if self._trainer is not None else 0
+            if o.scheduler == "cosine":
+                return warm * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+            if o.scheduler == "exponential":
+                return warm * o.gamma**epoch
+            if o.scheduler == "iwae":
+                return warm * iwae_schedule_factor(epoch)
+            return warm
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

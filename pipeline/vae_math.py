@@ -1,0 +1,255 @@
+"""The mathematics of the VAE family, framework-free (pure torch functions).
+
+Notation follows ../shared/spec/MATH.md (concept numbers are the lecture notes'):
+x data, z latent, q(z|x) = N(mu, diag exp(logvar)) the encoder, p(z) = N(0, I) the prior,
+p(x|z) the decoder. Shapes: a batch is [B, ...]; K latent samples per example are [K, B, d];
+per-example quantities are [B] (summed over pixels and latent dimensions); the loss is their mean.
+
+Every function here computes in float32 with autocast disabled: bf16/fp16 logsumexp and KL lose
+whole nats at the magnitudes a 784-pixel likelihood reaches (MATH.md, "Numerics that matter").
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+LOG_2PI = math.log(2.0 * math.pi)
+LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # exp() stays finite and positive in float32
+
+
+def float32(fn):
+    """Run `fn` with autocast off and its floating tensor arguments cast to float32."""
+
+    def cast(a):
+        return a.float() if torch.is_tensor(a) and a.is_floating_point() else a
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next((a.device.type for a in args if torch.is_tensor(a)), "cpu")
+        with torch.autocast(device_type=device, enabled=False):
+            return fn(*[cast(a) for a in args], **{k: cast(v) for k, v in kwargs.items()})
+
+    return wrapper
+
+
+def sum_event(t: torch.Tensor, event_dims: int) -> torch.Tensor:
+    """Sum the trailing `event_dims` dimensions (pixels, latents): one number per example."""
+    return t.flatten(start_dim=t.dim() - event_dims).sum(-1) if event_dims else t
+
+
+# --- distributions -------------------------------------------------------------------------------
+
+
+def bound_logvar(logvar: torch.Tensor) -> torch.Tensor:
+    """Clamp a log-variance to [LOGVAR_MIN, LOGVAR_MAX] before anything exponentiates it."""
+    return logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+
+
+@float32
+def kl_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, diag e^logvar) || N(0, I)) in closed form (Definition 11.17), summed over latents.
+
+    1/2 (tr Sigma + ||mu||^2 - d - log det Sigma)."""
+    return 0.5 * (logvar.exp() + mu.pow(2) - 1.0 - logvar).sum(-1)
+
+
+@float32
+def log_normal_diag(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, diag e^logvar), summed over the last dimension."""
+    return -0.5 * (LOG_2PI + logvar + (z - mu).pow(2) * torch.exp(-logvar)).sum(-1)
+
+
+@float32
+def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I), summed over the last dimension: the prior p(z)."""
+    return -0.5 * (LOG_2PI + z.pow(2)).sum(-1)
+
+
+@float32
+def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor, event_dims: int) -> torch.Tensor:
+    """log Bernoulli(x; logits), from logits (stable for saturated pixels), summed over pixels.
+
+    `x` broadcasts against `logits` (x [B, ...], logits [K, B, ...])."""
+    x = x.expand_as(logits)
+    return -sum_event(F.binary_cross_entropy_with_logits(logits, x, reduction="none"), event_dims)
+
+
+@float32
+def gaussian_log_likelihood(
+    x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, event_dims: int
+) -> torch.Tensor:
+    """log N(x; mean, e^logvar I) summed over pixels (Concept 11.20: -||x - f(z)||^2 / 2 sigma^2 + c)."""
+    logvar = torch.as_tensor(logvar, dtype=mean.dtype, device=mean.device)
+    ll = -0.5 * (LOG_2PI + logvar + (x - mean).pow(2) * torch.exp(-logvar))
+    return sum_event(ll.expand_as(mean), event_dims)
+
+
+def reparameterize(
+    mu: torch.Tensor, logvar: torch.Tensor, k: int = 1, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """z = mu + sigma * eps, eps ~ N(0, I) (Concepts 11.18, 11.21); returns [K, B, d]."""
+    eps = torch.randn((k, *mu.shape), generator=generator, device=mu.device, dtype=torch.float32)
+    return mu.float() + torch.exp(0.5 * logvar.float()) * eps
+
+
+# --- objectives ----------------------------------------------------------------------------------
+
+
+@float32
+def elbo(log_px_z: torch.Tensor, kl: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """(beta-)ELBO per example from K samples: mean_k log p(x|z_k) - beta KL (Def. 11.13, Concept 11.25).
+
+    log_px_z: [K, B]; kl: [B] (closed form). beta = 1 is the VAE's ELBO."""
+    return log_px_z.mean(0) - beta * kl
+
+
+@float32
+def log_importance_weights(
+    log_px_z: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
+) -> torch.Tensor:
+    """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x), shape [K, B] (Concepts 11.7, 11.9)."""
+    return log_px_z + log_standard_normal(z) - log_normal_diag(z, mu, logvar)
+
+
+@float32
+def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
+    """L_K = log (1/K) sum_k w_k per example, via logsumexp over dim 0 (Concept 11.7).
+
+    Autograd through logsumexp gives sum_k w~_k grad log w_k with w~ = softmax(log w): the
+    normalised weights enter as constants, which is the IWAE gradient of Burda et al. (2016)."""
+    return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
+
+
+@float32
+def score_function_surrogate(
+    f: torch.Tensor, log_q: torch.Tensor, baseline: torch.Tensor | float = 0.0
+) -> torch.Tensor:
+    """Surrogate whose gradient is the log-derivative estimator (Concept 11.22).
+
+    f: the per-sample objective computed at z sampled *without* gradient; it may still depend on
+    the parameters directly (through log q or the decoder). log_q: log q(z|x) of those z.
+    grad[(f - b) log q + f] = (f - b) grad log q + grad f, unbiased for grad E_q[f] whenever the
+    baseline b does not depend on z. Its value equals f (the first term is zero-valued)."""
+    advantage = (f - baseline).detach()
+    return advantage * (log_q - log_q.detach()) + f
+
+
+def linear_warmup(step: int, warmup_steps: int, final: float) -> float:
+    """Linear warm-up from 0 to `final` over `warmup_steps` (beta annealing); `final` once done."""
+    if warmup_steps <= 0:
+        return final
+    return final * min(1.0, step / warmup_steps)
+
+
+def vae_objective(
+    mu: torch.Tensor, logvar: torch.Tensor, log_px_given_z: "LogLikelihood", *, objective: str = "elbo",
+    k: int = 1, beta: float = 1.0, estimator: str = "reparam", generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """The training objective of the VAE family for one batch, and the terms worth logging.
+
+    objective: "elbo" (mean of K ELBOs, beta-weighted KL) or "iwae" (L_K; beta weighs log p(z) - log q).
+    estimator: "reparam" (Concepts 11.18, 11.21) or "score" (log-derivative, Concept 11.22, with a
+    baseline: leave-one-out over the K samples for the ELBO with K >= 2, else the objective at z = mu,
+    which depends on x but not on the sample, so the estimator stays unbiased).
+    Returns per-example [B] tensors `recon` (mean_k log p(x|z_k)), `kl`, `elbo` (beta = 1),
+    `iwae` (objective "iwae" only) and the scalar `loss` to minimise (mean over the batch)."""
+    if objective not in ("elbo", "iwae"):
+        raise ValueError(f"model.objective must be 'elbo' or 'iwae', got {objective!r}")
+    if estimator not in ("reparam", "score"):
+        raise ValueError(f"model.estimator must be 'reparam' or 'score', got {estimator!r}")
+    mu, logvar = mu.float(), bound_logvar(logvar.float())
+    score = estimator == "score"
+    # The score-function estimator must not differentiate through the sample itself.
+    z = reparameterize(mu.detach(), logvar.detach(), k, generator) if score else reparameterize(mu, logvar, k, generator)
+    log_px_z = log_px_given_z(z).float()  # [K, B]
+    kl = kl_standard_normal(mu, logvar)
+    out = {"recon": log_px_z.mean(0), "kl": kl}
+    out["elbo"] = out["recon"] - kl
+    if objective == "elbo":
+        if score:
+            if k >= 2:  # leave-one-out mean of the other samples' signal
+                baseline = (log_px_z.sum(0, keepdim=True) - log_px_z) / (k - 1)
+            else:
+                baseline = log_px_given_z(mu.unsqueeze(0)).float()
+            recon = score_function_surrogate(log_px_z, log_normal_diag(z, mu, logvar), baseline).mean(0)
+        else:
+            recon = out["recon"]
+        objective_value = recon - beta * kl
+    else:
+        log_prior_ratio = log_standard_normal(z) - log_normal_diag(z, mu, logvar)
+        bound = iwae_bound(log_px_z + beta * log_prior_ratio)
+        # The logged bound is the true L_K (beta = 1) whatever beta the training objective uses.
+        out["iwae"] = bound if beta == 1.0 else iwae_bound(log_px_z + log_prior_ratio)
+        if score:
+            z0 = mu.unsqueeze(0)
+            baseline = (log_px_given_z(z0).float() + beta * (log_standard_normal(z0) - log_normal_diag(z0, mu, logvar))).squeeze(0)
+            bound = score_function_surrogate(bound, log_normal_diag(z, mu, logvar).sum(0), baseline)
+        objective_value = bound
+    out["loss"] = -objective_value.mean()
+    return out
+
+
+# --- log p(x) estimators (Concepts 11.6-11.9) -----------------------------------------------------
+
+
+@float32
+def log_mean_exp_chunked(log_weight_fn: Callable[[int], torch.Tensor], k: int, chunk: int) -> torch.Tensor:
+    """log (1/K) sum_k w_k with K log-weights drawn `chunk` at a time: memory O(chunk * B), not O(K * B).
+
+    log_weight_fn(n) returns n fresh log-weights per example, [n, B]. A running logsumexp keeps the
+    result exact (no K-sized buffer), so K = 5000 fits any batch that fits one chunk."""
+    total = None
+    done = 0
+    while done < k:
+        n = min(chunk, k - done)
+        lse = torch.logsumexp(log_weight_fn(n).float(), dim=0)
+        total = lse if total is None else torch.logaddexp(total, lse)
+        done += n
+    return total - math.log(k)
+
+
+Encode = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+LogLikelihood = Callable[[torch.Tensor], torch.Tensor]  # z [n, B, d] -> log p(x|z) [n, B]
+
+
+@torch.no_grad()
+def importance_sampled_log_px(
+    mu: torch.Tensor, logvar: torch.Tensor, log_px_given_z: LogLikelihood, k: int = 5000, chunk: int = 500,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Choice 2: log p(x) ~ log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q (= the IWAE bound L_K).
+
+    The standard 5000-sample test log-likelihood; biased low, the bias vanishing as K grows."""
+
+    def log_w(n):
+        z = reparameterize(mu, logvar, n, generator)
+        return log_importance_weights(log_px_given_z(z), z, mu, logvar)
+
+    return log_mean_exp_chunked(log_w, k, chunk)
+
+
+@torch.no_grad()
+def prior_sampled_log_px(
+    batch_size: int, latent_dim: int, log_px_given_z: LogLikelihood, k: int = 5000, chunk: int = 500,
+    device: torch.device | str = "cpu", generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Choice 1: log p(x) ~ log (1/K) sum_k p(x|z_k), z_k ~ p(z). Correct but high-variance (Concept 11.8)."""
+
+    def log_w(n):
+        z = torch.randn((n, batch_size, latent_dim), generator=generator, device=device)
+        return log_px_given_z(z)
+
+    return log_mean_exp_chunked(log_w, k, chunk)
+
+
+@torch.no_grad()
+def active_units(mu: torch.Tensor, threshold: float = 1e-2) -> int:
+    """Number of latent dimensions whose posterior mean varies with x: Var_x(E_q[z_j]) > threshold.
+
+    mu: [N, d] encoder means over a data set (Burda et al. 2016, section 5.2)."""
+    return int((mu.float().var(0) > threshold).sum())
