@@ -27,6 +27,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
+class FinalCheckpoint(pl.Callback):
+    """Save last.ckpt when training ends: max_steps may stop between validations, where
+    ModelCheckpoint would leave last.ckpt at an older step."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_train_end(self, trainer, module):
+        trainer.save_checkpoint(self.path)  # every rank calls it; rank 0 writes
+
+
 class ImageGrids(pl.Callback):
     """Every N validation epochs: samples from fixed prior draws and reconstructions, as PNG."""
 

@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
-from pipeline.callbacks import AtomicCheckpointIO, ImageGrids
+from pipeline.callbacks import AtomicCheckpointIO, FinalCheckpoint, ImageGrids
 from pipeline.config import ConfigError, to_yaml
 from pipeline.data.shards import MANIFEST, prepare
 from pipeline.data.sources import SOURCE_NAMES
@@ -56,6 +56,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, images: ImageGrids) -> pl.Trai
         ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}-{step}", monitor=cfg.run.monitor, mode="min",
                         save_top_k=cfg.run.save_top_k, save_last=True, auto_insert_metric_name=False),
         images,
+        FinalCheckpoint(ckpt_dir / "last.ckpt"),
     ]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))

@@ -1,0 +1,69 @@
+"""Typed config: composition, validation, clear errors (the CLI contract later issues rely on)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from pipeline.config import ConfigError, load_config
+from tests.conftest import ROOT, vaepipe
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_config_composes(path):
+    cfg = load_config([path])
+    assert cfg.run.name.startswith(path.stem)
+    assert cfg.run.dir == f"runs/{cfg.run.name}"
+
+
+def test_shipped_experiments_exist():
+    assert {p.stem for p in CONFIGS} >= {"vae_sprites", "vae_mnist", "iwae_mnist", "beta_vae_sprites", "vae_frey"}
+
+
+def test_defaults_are_the_vae_sprites_experiment():
+    # `vaepipe fit` with no arguments must train exactly configs/vae_sprites.yaml.
+    assert load_config([]) == load_config([ROOT / "configs" / "vae_sprites.yaml"])
+
+
+def test_files_merge_in_order_then_overrides():
+    cfg = load_config([ROOT / "configs/vae_mnist.yaml", ROOT / "configs/iwae_mnist.yaml"], ["model.k=50", "model.beta=2"])
+    assert cfg.model.objective == "iwae" and cfg.model.k == 50 and cfg.model.beta == 2.0
+    assert cfg.run.name == "iwae_mnist_k50"  # interpolation resolved after the overrides
+    assert cfg.model.hidden == [200, 200] and cfg.model.activation == "tanh"
+
+
+def test_unknown_key_names_key_and_valid_keys(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.latnt_dim'.*latent_dim"):
+        load_config([], ["model.latnt_dim=3"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  batch_sise: 3\n")
+    with pytest.raises(ConfigError, match=rf"{bad.name}.*'data\.batch_sise'.*batch_size"):
+        load_config([bad])
+    with pytest.raises(ConfigError, match="unknown config key 'optimizer'.*optim"):
+        load_config([], ["optimizer.lr=1"])
+
+
+def test_wrong_type_and_bad_values():
+    with pytest.raises(ConfigError, match="'model.k'"):
+        load_config([], ["model.k=many"])
+    with pytest.raises(ConfigError, match="'model.objective'.*elbo, iwae"):
+        load_config([], ["model.objective=vlb"])
+    with pytest.raises(ConfigError, match="'data.batch_size'.*>= 1"):
+        load_config([], ["data.batch_size=0"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_config([], ["model.k"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(["no/such.yaml"])
+
+
+def test_cli_config_prints_resolved_yaml_and_fails_clearly():
+    out = vaepipe("config", "-c", "configs/iwae_mnist.yaml", "model.k=50").stdout
+    printed = yaml.safe_load(out)
+    assert printed["model"]["k"] == 50 and printed["run"]["name"] == "iwae_mnist_k50"
+    assert OmegaConf.create(printed) == load_config([ROOT / "configs/iwae_mnist.yaml"], ["model.k=50"])
+    bad = vaepipe("config", "model.kk=1", check=False)
+    assert bad.returncode == 2 and "unknown config key 'model.kk'" in bad.stderr
+    assert "Traceback" not in bad.stderr

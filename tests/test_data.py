@@ -1,0 +1,117 @@
+"""Shards, manifest and the streaming loader, on real WebDataset tar files in tmp_path."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data.shards import ShardError, prepare, read_manifest, sha256_file, verify
+from pipeline.data.sources import load_source
+from pipeline.data.stream import make_loader
+
+
+def all_batches(root, split="train", **kw):
+    return list(make_loader(str(root), split, 50, **kw))
+
+
+def test_manifest_describes_the_shards(sprites_root):
+    m = read_manifest(sprites_root)
+    assert m["name"] == "sprites" and m["factor_names"] == ["shape", "scale", "orientation", "pos_x", "pos_y"]
+    for split, n in (("train", 640), ("val", 128), ("test", 128)):
+        entry = m["splits"][split]
+        assert entry["num_samples"] == n and entry["shape"] == [64, 64] and entry["dtype"] == "uint8"
+        assert sum(s["num_samples"] for s in entry["shards"]) == n
+        assert len(entry["shards"]) == n // 128
+        for s in entry["shards"]:
+            assert sha256_file(sprites_root / s["name"]) == s["sha256"]
+    assert verify(sprites_root) == []
+
+
+def test_loader_reads_every_sample_once_per_epoch(sprites_root):
+    source = load_source("sprites", seed=0, sizes={"train": 640, "val": 128, "test": 128}).splits["train"]
+    for workers in (0, 2):
+        batches = all_batches(sprites_root, shuffle=True, seed=3, num_workers=workers)
+        x = torch.cat([b["x"] for b in batches])
+        factors = torch.cat([b["factors"] for b in batches])
+        assert x.shape == (640, 64, 64) and x.dtype == torch.float32
+        assert set(x.unique().tolist()) <= {0.0, 1.0}
+        # the epoch is a permutation of the split: same multiset of factor rows as the source
+        assert sorted(map(tuple, factors.tolist())) == sorted(map(tuple, source.factors.tolist()))
+        assert torch.equal(torch.cat([b["y"] for b in batches]).sort().values,
+                           torch.from_numpy(source.y).sort().values)
+
+
+def test_shuffle_is_deterministic_per_seed_and_epoch(sprites_root):
+    def order(**kw):
+        return torch.cat([b["factors"] for b in all_batches(sprites_root, shuffle=True, **kw)])
+
+    a, b = order(seed=1, epoch=0), order(seed=1, epoch=0)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, order(seed=1, epoch=1))  # a new order every epoch
+    assert not torch.equal(a, order(seed=2, epoch=0))
+    plain = torch.cat([b["factors"] for b in all_batches(sprites_root)])
+    source = load_source("sprites", seed=0, sizes={"train": 640, "val": 128, "test": 128}).splits["train"]
+    assert torch.equal(plain, torch.from_numpy(source.factors))  # no shuffle: file order
+
+
+def test_limit_and_partial_last_batch(sprites_root):
+    batches = list(make_loader(str(sprites_root), "val", 50, limit=120))
+    assert [len(b["x"]) for b in batches] == [50, 50, 20]
+    assert len(make_loader(str(sprites_root), "val", 50, limit=120)) == 3
+
+
+def test_dynamic_binarisation_redraws_pixels(tmp_path):
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, size=(200, 6, 6), dtype=np.uint8)
+    np.savez(tmp_path / "grey.npz", train=grey, val=grey[:20], test=grey[:20])
+    prepare("npz", tmp_path / "s", source=str(tmp_path / "grey.npz"), log=lambda *_: None)
+    torch.manual_seed(0)
+    first = torch.cat([b["x"] for b in all_batches(tmp_path / "s", binarize="dynamic")])
+    second = torch.cat([b["x"] for b in all_batches(tmp_path / "s", binarize="dynamic")])
+    assert set(first.unique().tolist()) == {0.0, 1.0}
+    assert not torch.equal(first, second)
+    # E[x_binary] = grey / 255: 7200 pixels, standard error of the mean <= 0.006; allow 0.02
+    assert abs(first.mean().item() - grey.mean() / 255) < 0.02
+    plain = torch.cat([b["x"] for b in all_batches(tmp_path / "s")])
+    assert torch.allclose(plain, torch.from_numpy(grey).float() / 255)
+
+
+def test_prepare_refuses_to_overwrite_and_force_rebuilds(tmp_path):
+    prepare("gmm", tmp_path, sizes={"train": 100, "val": 10, "test": 10}, log=lambda *_: None)
+    with pytest.raises(FileExistsError, match="manifest.json"):
+        prepare("gmm", tmp_path, log=lambda *_: None)
+    prepare("gmm", tmp_path, sizes={"train": 50, "val": 10, "test": 10}, force=True, log=lambda *_: None)
+    assert read_manifest(tmp_path)["splits"]["train"]["num_samples"] == 50
+    assert len(list(tmp_path.glob("train-*.tar"))) == 1
+
+
+def test_truncated_shard_is_named(tmp_path):
+    prepare("gmm", tmp_path, sizes={"train": 300, "val": 10, "test": 10}, shard_samples=100, log=lambda *_: None)
+    victim = tmp_path / "train-000001.tar"
+    victim.write_bytes(victim.read_bytes()[:5000])
+    with pytest.raises(ShardError, match="train-000001.tar.*truncated"):
+        all_batches(tmp_path)
+    assert any("train-000001.tar" in p for p in verify(tmp_path))
+
+
+def test_corrupt_shard_content_is_named(tmp_path):
+    prepare("gmm", tmp_path, sizes={"train": 300, "val": 10, "test": 10}, shard_samples=100, log=lambda *_: None)
+    victim = tmp_path / "train-000002.tar"
+    raw = bytearray(victim.read_bytes())
+    raw[0:512] = b"\xff" * 512  # destroy the first tar header, keep the size
+    victim.write_bytes(bytes(raw))
+    with pytest.raises(ShardError, match="train-000002.tar"):
+        all_batches(tmp_path)
+    assert verify(tmp_path) == [f"{victim}: sha256 differs from the manifest"]
+
+
+def test_missing_manifest_says_how_to_prepare(tmp_path):
+    with pytest.raises(FileNotFoundError, match="vaepipe prepare"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="manifest.json"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"splits": {"train": {}}}))
+    with pytest.raises(ValueError, match="no split 'val'"):
+        read_manifest(tmp_path)
