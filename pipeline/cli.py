@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, default=500, help="samples per pass (bounds memory)")
     p.add_argument("--data-root", help="shards folder (default: the one in the checkpoint's config)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("sample", help="PNG grids of prior samples and reconstructions")
@@ -95,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         from pipeline.evaluate import evaluate
 
         r = evaluate(args.ckpt, k=args.k, split=args.split, limit=args.limit, batch_size=args.batch_size,
-                     chunk=args.chunk, data_root=args.data_root, seed=args.seed, progress=not args.json)
+                     chunk=args.chunk, data_root=args.data_root, seed=args.seed, progress=not args.json,
+                     device=args.device)
         if args.json:
             print(json.dumps(r))
         else:

@@ -36,24 +36,25 @@ def load_module(ckpt: str | Path) -> VAEModule:
 @torch.no_grad()
 def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | None = None,
              batch_size: int = 100, chunk: int = 500, data_root: str | None = None, seed: int = 0,
-             progress: bool = True) -> dict:
+             progress: bool = True, device: str | None = None) -> dict:
     """Per-example means over a split (nats): ELBO, L_k at the model's training K, and L_K with
     K = `k`, the importance-sampled estimate of log p(x) (Choice 2, Concepts 11.6-11.9).
 
     The ELBO is the mean log-weight of the same K samples (an unbiased ELBO estimate), so one pass
     over the decoder gives both. Dynamic binarisation of the inputs is drawn once from `seed`."""
-    module = load_module(ckpt)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    module = load_module(ckpt).to(device)
     cfg, vae = module.cfg, module.vae
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     loader = make_loader(data_root or cfg.data.root, split, batch_size, binarize=cfg.data.binarize, limit=limit)
     k_train = int(cfg.model.k)
     sums = {"elbo": 0.0, "log_px": 0.0, "log_px_sq": 0.0, f"iwae{k_train}": 0.0}
     n, t0 = 0, time.time()
     for batch in tqdm(loader, desc=f"eval {split} K={k}", disable=not progress, file=sys.stderr):
-        x = batch["x"]
+        x = batch["x"].to(device, non_blocking=True)
         mu, logvar = vae.encode(x)
-        log_w_sum = torch.zeros(x.shape[0])
+        log_w_sum = torch.zeros(x.shape[0], device=device)
 
         def log_w(m):
             nonlocal log_w_sum
@@ -78,7 +79,7 @@ def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | 
         "checkpoint": str(ckpt), "split": split, "examples": n, "k": k,
         "elbo": sums["elbo"] / n, f"iwae_bound_k{k_train}": sums[f"iwae{k_train}"] / n,
         f"iwae_bound_k{k}": mean_log_px, "nll": -mean_log_px, "nll_stderr": std / math.sqrt(n),
-        "seconds": time.time() - t0,
+        "seconds": time.time() - t0, "device": str(device),
     }
 
 
