@@ -48,10 +48,10 @@ def _raise_with_shard(exn: Exception) -> bool:
 
 
 class Decoder:
-    """Raw bytes -> tensors, from the shape/dtype/scale in the manifest (picklable for workers)."""
+    """Raw bytes -> numpy arrays, from the shape/dtype in the manifest (picklable for workers)."""
 
-    def __init__(self, shape, dtype: str, scale: float, binarize: str = "none"):
-        self.shape, self.dtype, self.scale, self.binarize = tuple(shape), np.dtype(dtype), float(scale), binarize
+    def __init__(self, shape, dtype: str):
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
 
     def __call__(self, sample: dict) -> dict:
         try:
@@ -59,30 +59,36 @@ class Decoder:
         except (KeyError, ValueError) as err:
             raise ShardError(f"sample '{sample.get('__key__')}' in {sample.get('__url__')}: bad 'x.bin' "
                              f"(expected {self.shape} {self.dtype}): {err}") from None
-        out = {"x": torch.from_numpy(x.astype(np.float32) * self.scale)}
+        out = {"x": x}
         if "y.cls" in sample:
             out["y"] = int(sample["y.cls"])
         if "factors.bin" in sample:
-            out["factors"] = torch.from_numpy(np.frombuffer(sample["factors.bin"], dtype=np.int64).copy())
+            out["factors"] = np.frombuffer(sample["factors.bin"], dtype=np.int64)
         return out
 
 
-def binarize_batch(batch: dict, mode: str) -> dict:
-    """Dynamic binarisation redraws x ~ Bernoulli(pixel) every time a batch is read (IWAE paper's MNIST)."""
-    if mode == "dynamic":
-        batch["x"] = torch.bernoulli(batch["x"])
-    elif mode == "threshold":
-        batch["x"] = (batch["x"] > 0.5).float()
-    return batch
+class Collate:
+    """Stack a batch of raw arrays, convert to float32 and scale once per batch (not per sample),
+    then binarise if asked: `dynamic` redraws x ~ Bernoulli(pixel) on every read (the IWAE paper's
+    MNIST), `threshold` keeps x > 0.5."""
 
+    def __init__(self, scale: float, binarize: str = "none"):
+        self.scale, self.binarize = float(scale), binarize
 
-def collate(samples: list[dict]) -> dict:
-    batch = {"x": torch.stack([s["x"] for s in samples])}
-    if "y" in samples[0]:
-        batch["y"] = torch.tensor([s["y"] for s in samples])
-    if "factors" in samples[0]:
-        batch["factors"] = torch.stack([s["factors"] for s in samples])
-    return batch
+    def __call__(self, samples: list[dict]) -> dict:
+        x = torch.from_numpy(np.stack([s["x"] for s in samples])).float()
+        if self.scale != 1.0:
+            x.mul_(self.scale)
+        if self.binarize == "dynamic":
+            x = torch.bernoulli(x)
+        elif self.binarize == "threshold":
+            x = (x > 0.5).float()
+        batch = {"x": x}
+        if "y" in samples[0]:
+            batch["y"] = torch.tensor([s["y"] for s in samples])
+        if "factors" in samples[0]:
+            batch["factors"] = torch.from_numpy(np.stack([s["factors"] for s in samples]))
+        return batch
 
 
 def shard_urls(root: str, manifest: dict, split: str) -> list[str]:
@@ -110,11 +116,10 @@ def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False
     ]
     if shuffle:
         stages.append(wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed, epoch=epoch - 1))
-    stages.append(wds.map(Decoder(entry["shape"], entry["dtype"], manifest["scale"])))
+    stages.append(wds.map(Decoder(entry["shape"], entry["dtype"])))
     if limit is not None:
         stages.append(wds.slice(limit))
-    stages.append(wds.batched(batch_size, collation_fn=collate, partial=True))
-    stages.append(wds.map(lambda b: binarize_batch(b, binarize)) if binarize != "none" else wds.map(lambda b: b))
+    stages.append(wds.batched(batch_size, collation_fn=Collate(manifest["scale"], binarize), partial=True))
     n = entry["num_samples"] if limit is None else min(limit, entry["num_samples"])
     dataset = wds.DataPipeline(*stages).with_length((n + batch_size - 1) // batch_size)
     workers = min(num_workers, len(urls))  # a worker without a shard would only idle
