@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import random
+import signal
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from pipeline.images import write_model_grids
@@ -64,3 +69,84 @@ class ImageGrids(pl.Callback):
             module.eval()
             self.latest = write_model_grids(module.vae, module.fixed_z, module.val_examples, self.out_dir, "final")
             module.train(was_training)
+
+
+class Preemption(pl.Callback):
+    """SIGUSR1 or SIGTERM: all ranks agree on a step, save an exact-resume checkpoint there, stop.
+
+    The signal may reach every rank (Slurm) or only the process the user launched (a local DDP
+    run): the handler only sets a flag, and after every training step the ranks all-reduce their
+    flags, so all of them see it at the same step. This replaces Lightning's own SIGTERM handling
+    (which kills the children and stops without a checkpoint) for the duration of training.
+
+    Fault injection for tests: VAEPIPE_FAULT=STEP:SIGNAL (e.g. 12:TERM, 12:KILL) makes rank 0
+    signal itself after step STEP; KILL takes down its whole process group when it leads one
+    (a crashed node), else only itself."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self, ckpt_path: str | Path):
+        self.ckpt_path = Path(ckpt_path)
+        self.received: int | None = None
+        self.stopped_at: int | None = None  # global step of the signal checkpoint, if any
+        fault = os.environ.get("VAEPIPE_FAULT", "")
+        self.fault = (int(fault.split(":")[0]), getattr(signal, "SIG" + fault.split(":")[1])) if fault else None
+
+    def _handler(self, signum, frame):
+        self.received = signum
+
+    def on_train_start(self, trainer, module):
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handler)  # Lightning's teardown restores the originals
+
+    def _inject_fault(self, trainer):
+        step, sig = self.fault
+        if trainer.global_step != step or trainer.global_rank != 0:
+            return
+        self.fault = None
+        if sig == signal.SIGKILL and os.getpgrp() == os.getpid():
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        os.kill(os.getpid(), sig)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.fault:
+            self._inject_fault(trainer)
+        flag = torch.tensor([0 if self.received is None else 1], device=module.device)
+        if trainer.world_size > 1 and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.stopped_at is None:
+            trainer.save_checkpoint(self.ckpt_path)
+            self.stopped_at = trainer.global_step
+            trainer.should_stop = True
+            name = signal.Signals(self.received).name if self.received else "a signal on another rank"
+            rank_zero_info(f"{name}: checkpoint of step {trainer.global_step} saved to {self.ckpt_path}; stopping")
+
+
+class RankStates(pl.Callback):
+    """Every rank's RNG states (torch, CUDA, numpy, python) in the checkpoint, each restored on its
+    own rank. Training noise is seeded per step (VAEModule.generator), so exactness does not rest
+    on these; they keep any other randomness a user adds continuous across restarts."""
+
+    def state_dict(self) -> dict:
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        # plain tensors and numbers only, so checkpoints still load with torch.load(weights_only=True)
+        numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+        mine = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        if dist.is_available() and dist.is_initialized():
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, mine)
+            return {"rng": states}
+        return {"rng": [mine]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        states = state_dict.get("rng", [])
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        if rank < len(states):
+            s = states[rank]
+            torch.set_rng_state(s["torch"])
+            name, keys, pos, has_gauss, cached = s["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+            random.setstate(s["python"])
+            if s["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(s["cuda"])

@@ -89,9 +89,10 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "config":
         print(to_yaml(load_config(args.config, args.overrides)), end="")
     elif args.command == "fit":
-        from pipeline.train import fit
+        from pipeline.train import EXIT_PREEMPTED, fit
 
-        fit(load_config(args.config, args.overrides))
+        if fit(load_config(args.config, args.overrides))["preempted_at"] is not None:
+            return EXIT_PREEMPTED
     elif args.command == "eval":
         from pipeline.evaluate import evaluate
 

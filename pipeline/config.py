@@ -46,6 +46,7 @@ class DataConfig:
     binarize: str = "none"  # none | dynamic (x ~ Bernoulli(pixel), redrawn each pass) | threshold (> 0.5)
     shard_bytes: int = 64_000_000  # new shard after this many bytes ...
     shard_samples: int = 0  # ... or this many samples (0 = no count limit)
+    on_error: str = "stop"  # an unreadable shard: stop (default) | skip (warn, count, go on)
 
 
 @dataclass
@@ -97,7 +98,8 @@ class RunConfig:
     seed: int = 0
     save_top_k: int = 1  # best checkpoints kept, by `monitor`
     monitor: str = "val/loss"
-    every_n_train_steps: int = 0  # extra periodic checkpoints (0 = only at validation)
+    every_n_train_steps: int = 0  # extra periodic checkpoints step-*.ckpt (0 = only at validation) ...
+    keep_last: int = 2  # ... of which the newest keep_last are kept
     resume: str = "auto"  # auto (continue from the run folder's last.ckpt) | never | PATH to a checkpoint
 
 
@@ -138,6 +140,7 @@ CHOICES = {
     "model.likelihood": ("bernoulli", "gaussian"),
     "model.arch": ("mlp", "conv"),
     "data.binarize": ("none", "dynamic", "threshold"),
+    "data.on_error": ("stop", "skip"),
     "optim.name": ("adam", "adamw", "sgd"),
     "optim.scheduler": ("none", "cosine", "exponential", "iwae"),
     "logger.backend": ("csv", "wandb", "tensorboard", "none"),

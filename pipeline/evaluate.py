@@ -47,7 +47,8 @@ def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | 
     cfg, vae = module.cfg, module.vae
     torch.manual_seed(seed)
     gen = torch.Generator(device=device).manual_seed(seed)
-    loader = make_loader(data_root or cfg.data.root, split, batch_size, binarize=cfg.data.binarize, limit=limit)
+    loader = make_loader(data_root or cfg.data.root, split, batch_size, binarize=cfg.data.binarize, limit=limit,
+                         seed=seed)
     k_train = int(cfg.model.k)
     sums = {"elbo": 0.0, "log_px": 0.0, "log_px_sq": 0.0, f"iwae{k_train}": 0.0}
     n, t0 = 0, time.time()

@@ -1,28 +1,47 @@
-"""`vaepipe fit`: prepare data if needed, build the module and the Lightning Trainer, train."""
+"""`vaepipe fit`: prepare data if needed, build the module and the Lightning Trainer, train, resume."""
 
 from __future__ import annotations
 
+import os
 import time
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
-from pipeline.callbacks import AtomicCheckpointIO, FinalCheckpoint, ImageGrids
+from pipeline.callbacks import AtomicCheckpointIO, FinalCheckpoint, ImageGrids, Preemption, RankStates
 from pipeline.config import ConfigError, to_yaml
+from pipeline.data.location import is_remote
 from pipeline.data.shards import MANIFEST, prepare
 from pipeline.data.sources import SOURCE_NAMES
 from pipeline.data.stream import ShardDataModule
 from pipeline.models.vae_module import VAEModule
 
 GENERATED = ("sprites", "gmm")  # sources that need no input file
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after checkpointing; run the same command to resume
 
 
-def ensure_prepared(data_cfg, seed: int, log=print) -> None:
-    """Prepare the shards when the data root has no manifest and `data.prepare` allows it."""
+def is_primary_process() -> bool:
+    """True in the process that may write shared files before the process group exists: rank 0 of
+    node 0 (Lightning's launcher, torchrun and srun all say so in the environment)."""
+    return all(os.environ.get(k, "0") == "0" for k in ("NODE_RANK", "LOCAL_RANK", "SLURM_PROCID", "RANK"))
+
+
+def ensure_prepared(data_cfg, seed: int, log=print, wait_s: float = 3600) -> None:
+    """Prepare the shards when the data root has no manifest and `data.prepare` allows it. Other
+    ranks wait for rank 0's manifest instead of writing the same files at the same time."""
     root = Path(data_cfg.root)
-    if (root / MANIFEST).exists():
+    if is_remote(str(data_cfg.root)) or (root / MANIFEST).exists():
+        return
+    if not is_primary_process():
+        deadline = time.time() + wait_s
+        while not (root / MANIFEST).exists():
+            if time.time() > deadline:
+                raise TimeoutError(f"waited {wait_s:.0f} s for rank 0 to prepare {root / MANIFEST}")
+            time.sleep(1)
         return
     if not data_cfg.prepare:
         raise FileNotFoundError(f"no {MANIFEST} in data.root '{root}' and data.prepare=false")
@@ -37,38 +56,59 @@ def ensure_prepared(data_cfg, seed: int, log=print) -> None:
             shard_samples=data_cfg.shard_samples, log=log)
 
 
+def newest_valid_checkpoint(ckpt_dir: Path) -> str | None:
+    """The checkpoint with the highest global step among last.ckpt and the periodic ones; one that
+    cannot be read (truncated by a crash of the file system, say) is skipped with a warning."""
+    best, best_step = None, -1
+    for path in sorted(ckpt_dir.glob("*.ckpt")):
+        try:
+            step = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"]
+        except Exception as err:  # noqa: BLE001 - any unreadable file is skipped, and said so
+            warnings.warn(f"skipping unreadable checkpoint {path}: {type(err).__name__}: {err}")
+            continue
+        if step > best_step or (step == best_step and path.name == "last.ckpt"):
+            best, best_step = str(path), step
+    return best
+
+
 def resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> str | None:
-    """run.resume: auto (newest last.ckpt in the run folder, if any), never, or a checkpoint path."""
-    mode = cfg.run.get("resume", "auto")
+    """run.resume: auto (newest valid checkpoint of the run folder, if any), never, or a path."""
+    mode = cfg.run.resume
     if mode == "never":
         return None
     if mode != "auto":
         if not Path(mode).is_file():
             raise FileNotFoundError(f"run.resume={mode}: no such checkpoint")
         return mode
-    last = ckpt_dir / "last.ckpt"
-    return str(last) if last.is_file() else None
+    return newest_valid_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, images: ImageGrids) -> pl.Trainer:
+def trainer_kwargs(cfg: DictConfig) -> dict:
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
+    devices = kwargs.get("devices", 1)
+    many = kwargs.get("num_nodes", 1) > 1 or (isinstance(devices, int) and devices > 1) or (
+        isinstance(devices, (list, str)) and devices not in ("auto", "1", 1) and len(str(devices).split(",")) > 1)
+    if kwargs.get("strategy", "auto") == "auto" and many:
+        kwargs["strategy"] = "ddp"  # one process per device, launched as subprocesses (or by srun/torchrun)
+    return kwargs
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, images: ImageGrids, preemption: Preemption) -> pl.Trainer:
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}-{step}", monitor=cfg.run.monitor, mode="min",
                         save_top_k=cfg.run.save_top_k, save_last=True, auto_insert_metric_name=False),
-        images,
-        FinalCheckpoint(ckpt_dir / "last.ckpt"),
+        images, preemption, RankStates(), FinalCheckpoint(ckpt_dir / "last.ckpt"),
     ]
+    if cfg.run.every_n_train_steps > 0:  # periodic, the newest `keep_last` kept
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:08d}", monitor="step", mode="max",
+                                         save_top_k=cfg.run.keep_last, every_n_train_steps=cfg.run.every_n_train_steps))
     if cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
-    if cfg.run.every_n_train_steps > 0:
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step}", save_top_k=-1,
-                                         every_n_train_steps=cfg.run.every_n_train_steps))
     logger = build_logger(cfg, run_dir)
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
-    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    return pl.Trainer(**kwargs, default_root_dir=str(run_dir), callbacks=callbacks, logger=logger,
+    return pl.Trainer(**trainer_kwargs(cfg), default_root_dir=str(run_dir), callbacks=callbacks, logger=logger,
                       plugins=[AtomicCheckpointIO()], reload_dataloaders_every_n_epochs=1)
 
 
@@ -95,29 +135,42 @@ def fit(cfg: DictConfig) -> dict:
     t0 = time.time()
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if is_primary_process():
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     ensure_prepared(cfg.data, cfg.run.seed)
     datamodule = ShardDataModule(cfg.data, seed=cfg.run.seed)
     module = VAEModule(OmegaConf.to_container(cfg, resolve=True), list(datamodule.sample_shape))
     images = ImageGrids(run_dir / "images", cfg.logger.image_every_n_epochs)
-    trainer = build_trainer(cfg, run_dir, images)
+    preemption = Preemption(run_dir / "checkpoints" / "last.ckpt")
+    trainer = build_trainer(cfg, run_dir, images, preemption)
     ckpt_path = resume_checkpoint(cfg, run_dir / "checkpoints")
-    if ckpt_path and trainer.is_global_zero:
+    if ckpt_path and is_primary_process():
         print(f"resuming from {ckpt_path}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # no stray 'terminate called' at exit
     ckpt = run_dir / "checkpoints" / "last.ckpt"
+    plan = datamodule.last_plan
     result = {
         "run_dir": str(run_dir), "config": str(run_dir / "config.yaml"), "checkpoint": str(ckpt),
         "best_checkpoint": trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else "",
         "images": [str(p) for p in images.latest], "seconds": time.time() - t0,
+        "global_step": trainer.global_step, "preempted_at": preemption.stopped_at,
+        "epoch_samples_dropped": plan.dropped if plan else 0, "epoch_samples_repeated": plan.repeated if plan else 0,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
     }
     if trainer.is_global_zero:
-        print(f"\ndone in {result['seconds']:.0f} s")
+        print(f"\n{'stopped by signal' if preemption.stopped_at is not None else 'done'} at step "
+              f"{trainer.global_step} in {result['seconds']:.0f} s")
+        if plan and (plan.dropped or plan.repeated):
+            print(f"  per epoch, to give every rank and worker equal batches: {plan.dropped} samples dropped, "
+                  f"{plan.repeated} repeated")
         print(f"  checkpoint: {ckpt}")
         print(f"  config:     {result['config']}")
         for p in result["images"]:
             print(f"  images:     {p}")
-        print(f"  next:       vaepipe eval {ckpt} --k 5000")
+        print(f"  next:       {'run the same command to resume' if preemption.stopped_at is not None else f'vaepipe eval {ckpt} --k 5000'}")
     return result

@@ -11,8 +11,8 @@ from pipeline.data.sources import load_source
 from pipeline.data.stream import make_loader
 
 
-def all_batches(root, split="train", **kw):
-    return list(make_loader(str(root), split, 50, **kw))
+def all_batches(root, split="train", batch=64, **kw):
+    return list(make_loader(str(root), split, batch, **kw))
 
 
 def test_manifest_describes_the_shards(sprites_root):
@@ -57,6 +57,8 @@ def test_shuffle_is_deterministic_per_seed_and_epoch(sprites_root):
 
 def test_limit_and_partial_last_batch(sprites_root):
     batches = list(make_loader(str(sprites_root), "val", 50, limit=120))
+    assert all(len(b["x"]) == 50 for b in all_batches(sprites_root, batch=50, shuffle=True))  # train: full
+    assert len(all_batches(sprites_root, batch=50, shuffle=True)) == 12  # floor(640 / 50)
     assert [len(b["x"]) for b in batches] == [50, 50, 20]
     assert len(make_loader(str(sprites_root), "val", 50, limit=120)) == 3
 
@@ -66,11 +68,12 @@ def test_dynamic_binarisation_redraws_pixels(tmp_path):
     grey = rng.integers(0, 256, size=(200, 6, 6), dtype=np.uint8)
     np.savez(tmp_path / "grey.npz", train=grey, val=grey[:20], test=grey[:20])
     prepare("npz", tmp_path / "s", source=str(tmp_path / "grey.npz"), log=lambda *_: None)
-    torch.manual_seed(0)
-    first = torch.cat([b["x"] for b in all_batches(tmp_path / "s", binarize="dynamic")])
-    second = torch.cat([b["x"] for b in all_batches(tmp_path / "s", binarize="dynamic")])
+    first = torch.cat([b["x"] for b in all_batches(tmp_path / "s", binarize="dynamic", epoch=0)])
+    again = torch.cat([b["x"] for b in all_batches(tmp_path / "s", binarize="dynamic", epoch=0)])
+    second = torch.cat([b["x"] for b in all_batches(tmp_path / "s", binarize="dynamic", epoch=1)])
     assert set(first.unique().tolist()) == {0.0, 1.0}
-    assert not torch.equal(first, second)
+    assert torch.equal(first, again)  # a function of (seed, epoch, batch): a resumed run redraws the same
+    assert not torch.equal(first, second)  # a new draw every epoch
     # E[x_binary] = grey / 255: 7200 pixels, standard error of the mean <= 0.006; allow 0.02
     assert abs(first.mean().item() - grey.mean() / 255) < 0.02
     plain = torch.cat([b["x"] for b in all_batches(tmp_path / "s")])

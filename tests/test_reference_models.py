@@ -87,7 +87,7 @@ def test_linear_vae_reaches_ppca_maximum_likelihood(tmp_path):
         f"data.root={tmp_path / 'shards'}", "data.name=npz", "data.batch_size=200", "data.num_workers=0",
         "model.arch=mlp", "model.hidden=[]", f"model.latent_dim={d}", "model.likelihood=gaussian",
         "model.learn_sigma=true", "model.eval_k=0", "optim.lr=0.02", "optim.scheduler=cosine",
-        "trainer.max_epochs=60", "trainer.enable_progress_bar=false", "trainer.check_val_every_n_epoch=60",
+        "trainer.max_epochs=100", "trainer.enable_progress_bar=false", "trainer.check_val_every_n_epoch=100",
         "logger.backend=none", "logger.image_every_n_epochs=0", f"run.dir={tmp_path / 'run'}",
     ])
     fit(cfg)

@@ -1,50 +1,36 @@
 """Streaming loader over the shards (webdataset) and the LightningDataModule around it.
 
-Per epoch: the shard list is shuffled from (seed, epoch), split by rank and by worker, read as
-tar streams, shuffled in a buffer (seeded the same way), decoded from raw bytes and batched.
+Each (rank, worker) slot reads the parts of shards that `plan.plan_epoch` gives it, as tar
+streams (webdataset: local files, http(s), pipe:), shuffles them in a buffer seeded from
+(seed, epoch, slot), and yields exactly its planned number of batches. Everything random is a
+function of (seed, epoch, slot, batch index), so a stream can be restarted at any batch: the
+resumed run skips the batches already consumed and continues with identical data.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import warnings
-from pathlib import Path
+from itertools import islice
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data.shards import ShardError, read_manifest
+from pipeline.data.location import check_local_shards, load_manifest, shard_url
+from pipeline.data.plan import EpochPlan, Part, consumed_by_worker, plan_epoch
+from pipeline.data.shards import ShardError
 
-# with_length() only feeds progress bars here; the epoch length is the data's, as intended.
-warnings.filterwarnings("ignore", message=r"\.with_length\(\) only sets")
+# __len__ is exact here (every slot yields its planned batches), whatever Lightning fears.
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 
-class EpochShardList(wds.SimpleShardList):
-    """Shard URLs in an order fixed by (seed, epoch): identical on every rank, new each epoch.
-
-    webdataset's own shuffles either ignore the epoch or count epochs inside each worker process,
-    which restarts at 0 whenever workers are recreated; here the epoch is given explicitly."""
-
-    def __init__(self, urls: list[str], seed: int | None, epoch: int = 0):
-        super().__init__(urls, seed=None)
-        self.shuffle_seed, self.epoch = seed, epoch
-
-    def __iter__(self):
-        urls = list(self.urls)
-        if self.shuffle_seed is not None:
-            random.Random(f"{self.shuffle_seed}-{self.epoch}").shuffle(urls)
-        for url in urls:
-            yield dict(url=url)
-
-
-def _raise_with_shard(exn: Exception) -> bool:
-    # webdataset appends the failing URL to the exception's args; name it in the message.
-    source = next((a for a in exn.args if isinstance(a, str) and a.endswith(".tar")), None)
-    raise ShardError(f"cannot read shard {source or '(unknown)'}: {exn.args[0] if exn.args else exn!r}") from exn
+def derived_seed(*parts) -> int:
+    """A 63-bit seed from any tuple: independent streams for (seed, epoch, slot, batch, ...)."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
 
 
 class Decoder:
@@ -70,17 +56,17 @@ class Decoder:
 class Collate:
     """Stack a batch of raw arrays, convert to float32 and scale once per batch (not per sample),
     then binarise if asked: `dynamic` redraws x ~ Bernoulli(pixel) on every read (the IWAE paper's
-    MNIST), `threshold` keeps x > 0.5."""
+    MNIST) from a generator seeded per batch, `threshold` keeps x > 0.5."""
 
     def __init__(self, scale: float, binarize: str = "none"):
         self.scale, self.binarize = float(scale), binarize
 
-    def __call__(self, samples: list[dict]) -> dict:
+    def __call__(self, samples: list[dict], seed: int = 0) -> dict:
         x = torch.from_numpy(np.stack([s["x"] for s in samples])).float()
         if self.scale != 1.0:
             x.mul_(self.scale)
         if self.binarize == "dynamic":
-            x = torch.bernoulli(x)
+            x = torch.bernoulli(x, generator=torch.Generator().manual_seed(seed))
         elif self.binarize == "threshold":
             x = (x > 0.5).float()
         batch = {"x": x}
@@ -91,58 +77,154 @@ class Collate:
         return batch
 
 
-def shard_urls(root: str, manifest: dict, split: str) -> list[str]:
-    return [str(Path(root) / s["name"]) for s in manifest["splits"][split]["shards"]]
 
 
-def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-                shuffle_buffer: int = 2000, num_workers: int = 0, binarize: str = "none", limit: int | None = None,
-                manifest: dict | None = None) -> DataLoader:
-    """A loader of dict batches {"x": float32 [B, *shape], "y": [B], "factors": [B, F]} over one split."""
-    manifest = manifest or read_manifest(root)
+class ShardStream(IterableDataset):
+    """The batches of one rank for one epoch, split over its DataLoader workers by the plan.
+
+    `skip` batches (already consumed by this rank, on resume) are read but not decoded. A
+    DataLoader takes batches from workers in turn starting at worker 0, so on resume worker j plays
+    the part of worker (j + skip) mod W: the round robin continues where it stopped."""
+
+    def __init__(self, plan: EpochPlan, *, rank: int, workers: int, seed: int, epoch: int, shuffle: bool,
+                 shuffle_buffer: int, decoder: Decoder, collate: Collate, skip: int = 0, on_error: str = "stop",
+                 limit: int | None = None):
+        self.plan, self.rank, self.workers = plan, rank, max(1, workers)
+        self.seed, self.epoch, self.shuffle, self.buffer = seed, epoch, shuffle, shuffle_buffer
+        self.decoder, self.collate, self.skip, self.on_error, self.limit = decoder, collate, skip, on_error, limit
+        self.skipped_shards = 0
+
+    def __len__(self) -> int:
+        n = self.plan.batches_on_rank(self.rank, self.workers)
+        if self.limit is not None:
+            n = min(n, -(-self.limit // self.plan.batch_size))
+        return n
+
+    def _handler(self, exn: Exception) -> bool:
+        source = next((a for a in exn.args if isinstance(a, str) and (".tar" in a or "://" in a or "pipe:" in a)), None)
+        if self.on_error == "skip":
+            self.skipped_shards += 1
+            warnings.warn(f"skipping unreadable shard {source}: {exn.args[0] if exn.args else exn!r}")
+            return True
+        raise ShardError(f"cannot read shard {source or '(unknown)'}: {exn.args[0] if exn.args else exn!r}") from exn
+
+    def _samples(self, part: Part):
+        stream = wds.tariterators.tarfile_samples([{"url": part.url}], handler=self._handler)
+        return (s for i, s in enumerate(stream) if i % part.parts == part.part)
+
+    def _slot_samples(self, parts: list[Part], need: int | None):
+        """The slot's samples in plan order; cycled until `need` when the plan asks for more."""
+        produced = 0
+        while True:
+            for part in parts:
+                for sample in self._samples(part):
+                    yield sample
+                    produced += 1
+                    if need is not None and produced >= need:
+                        return
+            if need is None or produced == 0:
+                if need and produced == 0:
+                    raise ShardError(f"no readable samples in {[p.url for p in parts]}")
+                return
+
+    def _shuffled(self, samples, rng: random.Random):
+        buf = []
+        for sample in samples:
+            buf.append(sample)
+            if len(buf) >= self.buffer:
+                k = rng.randrange(len(buf))
+                buf[k], buf[-1] = buf[-1], buf[k]
+                yield buf.pop()
+        rng.shuffle(buf)
+        yield from buf
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = 0 if info is None else info.id
+        logical = (worker + self.skip) % self.workers  # continue the round robin (see class doc)
+        slot = self.rank * self.workers + logical
+        need = None if self.plan.batches_per_slot is None else self.plan.batches_per_slot * self.plan.batch_size
+        samples = self._slot_samples(self.plan.slots[slot], need)
+        if self.shuffle:
+            samples = self._shuffled(samples, random.Random(derived_seed(self.seed, self.epoch, slot, "buffer")))
+        if self.limit is not None:  # evaluation on the first N samples (one process)
+            samples = islice(samples, self.limit)
+        done = consumed_by_worker(self.skip, logical, self.workers)
+        batch, index = [], 0
+        for sample in samples:
+            batch.append(sample)
+            if len(batch) == self.plan.batch_size:
+                if index >= done:
+                    yield self.collate([self.decoder(s) for s in batch], derived_seed(self.seed, self.epoch, slot, index))
+                batch, index = [], index + 1
+        if batch and index >= done:
+            yield self.collate([self.decoder(s) for s in batch], derived_seed(self.seed, self.epoch, slot, index))
+
+
+def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False, train: bool | None = None,
+                seed: int = 0, epoch: int = 0, shuffle_buffer: int = 2000, num_workers: int = 0,
+                binarize: str = "none", limit: int | None = None, manifest: dict | None = None, rank: int = 0,
+                world_size: int = 1, skip: int = 0, on_error: str = "stop") -> DataLoader:
+    """A loader of dict batches {"x": float32 [B, *shape], "y": [B], "factors": [B, F]} over one split
+    for one rank and one epoch. `train` (default: = shuffle) gives every rank the same number of full
+    batches; otherwise every sample is read (padded by repeats only with several ranks)."""
+    root = str(root)
+    manifest = manifest or load_manifest(root)
     entry = manifest["splits"][split]
-    urls = shard_urls(root, manifest, split)
-    for url, shard in zip(urls, entry["shards"]):
-        if not Path(url).is_file():
-            raise FileNotFoundError(f"shard {url} listed in the manifest is missing")
-        if Path(url).stat().st_size != shard["bytes"]:
-            raise ShardError(f"shard {url} has {Path(url).stat().st_size} bytes, the manifest says "
-                             f"{shard['bytes']}: truncated or replaced; rerun `vaepipe prepare`")
-    stages = [
-        EpochShardList(urls, seed if shuffle else None, epoch),
-        wds.split_by_node,
-        wds.split_by_worker,
-        wds.tarfile_to_samples(handler=_raise_with_shard),
-    ]
-    if shuffle:
-        stages.append(wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed, epoch=epoch - 1))
-    stages.append(wds.map(Decoder(entry["shape"], entry["dtype"])))
-    if limit is not None:
-        stages.append(wds.slice(limit))
-    stages.append(wds.batched(batch_size, collation_fn=Collate(manifest["scale"], binarize), partial=True))
-    n = entry["num_samples"] if limit is None else min(limit, entry["num_samples"])
-    dataset = wds.DataPipeline(*stages).with_length((n + batch_size - 1) // batch_size)
-    workers = min(num_workers, len(urls))  # a worker without a shard would only idle
-    return DataLoader(dataset, batch_size=None, num_workers=workers)
+    check_local_shards(root, entry)
+    urls = [shard_url(root, s["name"]) for s in entry["shards"]]
+    counts = [s["num_samples"] for s in entry["shards"]]
+    workers = min(num_workers, max(1, len(urls) * 64)) if num_workers > 0 else 0
+    plan = plan_epoch(urls, counts, batch_size=batch_size, world_size=world_size, workers=workers, seed=seed,
+                      epoch=epoch, shuffle=shuffle, train=shuffle if train is None else train)
+    stream = ShardStream(plan, rank=rank, workers=workers, seed=seed, epoch=epoch, shuffle=shuffle,
+                         shuffle_buffer=shuffle_buffer, decoder=Decoder(entry["shape"], entry["dtype"]),
+                         collate=Collate(manifest["scale"], binarize), skip=skip, on_error=on_error, limit=limit)
+    loader = DataLoader(stream, batch_size=None, num_workers=workers)
+    loader.plan = plan  # for reports: dropped / repeated samples
+    return loader
 
 
 class ShardDataModule(pl.LightningDataModule):
-    """train/val/test loaders from a prepared data root; the train order depends on (seed, epoch)."""
+    """train/val/test loaders from a data root, for the trainer's rank and world size.
+
+    Its state (saved in every checkpoint) is each rank's stream position: epoch and batches
+    consumed, gathered from all ranks, with the topology they were computed for. On resume every
+    rank restarts its stream exactly there; a different topology is refused (see docs/resume.md)."""
 
     def __init__(self, data_cfg, seed: int = 0):
         super().__init__()
         self.cfg, self.seed = data_cfg, seed
-        self.manifest = read_manifest(data_cfg.root)
+        self.manifest = load_manifest(data_cfg.root)
+        self._resume: dict | None = None  # this rank's saved position, until its epoch's loader is built
+        self.last_plan: EpochPlan | None = None
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.manifest["splits"]["train"]["shape"])
 
+    def _rank_world(self) -> tuple[int, int]:
+        t = self.trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+    def _topology(self) -> dict:
+        _, world = self._rank_world()
+        return {"world_size": world, "num_workers": self.cfg.num_workers, "batch_size": self.cfg.batch_size,
+                "seed": self.seed, "root": str(self.cfg.root)}
+
     def _loader(self, split: str, train: bool = False) -> DataLoader:
+        rank, world = self._rank_world()
         epoch = self.trainer.current_epoch if (train and self.trainer is not None) else 0
-        return make_loader(self.cfg.root, split, self.cfg.batch_size if train else self.cfg.eval_batch_size,
-                           shuffle=train, seed=self.seed, epoch=epoch, shuffle_buffer=self.cfg.shuffle_buffer,
-                           num_workers=self.cfg.num_workers, binarize=self.cfg.binarize, manifest=self.manifest)
+        skip = 0
+        if train and self._resume is not None and self._resume["epoch"] == epoch:
+            skip, self._resume = self._resume["batches"], None
+        loader = make_loader(self.cfg.root, split, self.cfg.batch_size if train else self.cfg.eval_batch_size,
+                             shuffle=train, seed=self.seed, epoch=epoch, shuffle_buffer=self.cfg.shuffle_buffer,
+                             num_workers=self.cfg.num_workers, binarize=self.cfg.binarize, manifest=self.manifest,
+                             rank=rank, world_size=world, skip=skip, on_error=self.cfg.on_error)
+        if train:
+            self.last_plan = loader.plan
+        return loader
 
     def train_dataloader(self):
         return self._loader("train", train=True)
@@ -152,3 +234,34 @@ class ShardDataModule(pl.LightningDataModule):
 
     def test_dataloader(self):
         return self._loader("test")
+
+    # --- exact resume ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Called on every rank while a checkpoint is assembled: gather all ranks' positions."""
+        t = self.trainer
+        batches = t.fit_loop.epoch_loop.batch_progress.current.processed if t is not None else 0
+        mine = {"rank": self._rank_world()[0], "epoch": t.current_epoch if t is not None else 0,
+                "batches": int(batches), **self._topology()}
+        ranks = [mine]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, mine)
+        return {"stream_positions": ranks}
+
+    def load_state_dict(self, state: dict) -> None:
+        ranks = state.get("stream_positions") or []
+        rank, _ = self._rank_world()
+        now = self._topology()
+        if not ranks:
+            return
+        saved = {k: ranks[0][k] for k in now}
+        if len(ranks) != now["world_size"] or any(saved[k] != now[k] for k in ("world_size", "num_workers", "batch_size", "seed")):
+            raise RuntimeError(
+                "cannot resume the data stream exactly: the checkpoint was written with "
+                f"world_size={saved['world_size']}, data.num_workers={saved['num_workers']}, "
+                f"data.batch_size={saved['batch_size']}, run.seed={saved['seed']}; this run has "
+                f"world_size={now['world_size']}, data.num_workers={now['num_workers']}, "
+                f"data.batch_size={now['batch_size']}, run.seed={now['seed']}. Resume with the same "
+                "values, or start a new run folder (run.resume=never keeps the old one untouched).")
+        self._resume = {"epoch": ranks[rank]["epoch"], "batches": ranks[rank]["batches"]}

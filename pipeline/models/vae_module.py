@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline import vae_math
+from pipeline.data.stream import derived_seed
 from pipeline.models.components.vae import build_vae
 
 
@@ -41,11 +42,18 @@ class VAEModule(pl.LightningModule):
         m = self.cfg.model
         return vae_math.linear_warmup(self.global_step, m.beta_warmup_steps, m.beta)
 
-    def objective(self, x: torch.Tensor, beta: float, estimator: str | None = None):
+    def generator(self, *key) -> torch.Generator:
+        """Noise for one step, a function of (seed, key, rank): no RNG state has to survive a restart
+        for a resumed run to draw exactly the samples the uninterrupted run would have drawn."""
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        return torch.Generator(device=self.device).manual_seed(derived_seed(self.cfg.run.seed, *key, rank))
+
+    def objective(self, x: torch.Tensor, beta: float, estimator: str | None = None,
+                  generator: torch.Generator | None = None):
         m = self.cfg.model
         mu, logvar = self.vae.encode(x)
         terms = vae_math.vae_objective(mu, logvar, lambda z: self.vae.log_px_given_z(x, z), objective=m.objective,
-                                       k=m.k, beta=beta, estimator=estimator or m.estimator)
+                                       k=m.k, beta=beta, estimator=estimator or m.estimator, generator=generator)
         return terms, mu, logvar
 
     def _log_terms(self, stage: str, terms: dict, batch_size: int, on_step: bool) -> None:
@@ -59,7 +67,7 @@ class VAEModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x = batch["x"]
         beta = self.beta()
-        terms, _, _ = self.objective(x, beta)
+        terms, _, _ = self.objective(x, beta, generator=self.generator("train", self.global_step))
         self._log_terms("train", terms, x.shape[0], on_step=True)
         self.log("train/beta", beta, on_step=True, on_epoch=False, batch_size=x.shape[0])
         self.log("loss", terms["loss"], prog_bar=True, on_step=True, on_epoch=False, logger=False)
@@ -68,11 +76,12 @@ class VAEModule(pl.LightningModule):
     def _eval_step(self, stage: str, batch, batch_idx):
         x = batch["x"]
         # Evaluation is always reparameterised and at the final beta, so losses compare across epochs.
-        terms, mu, logvar = self.objective(x, self.cfg.model.beta, estimator="reparam")
+        gen = self.generator(stage, batch_idx)  # the same draws at every validation: comparable epochs
+        terms, mu, logvar = self.objective(x, self.cfg.model.beta, estimator="reparam", generator=gen)
         if self.cfg.model.eval_k > 0:
             k = self.cfg.model.eval_k
             terms[f"iwae{k}"] = vae_math.importance_sampled_log_px(
-                mu, logvar, lambda z: self.vae.log_px_given_z(x, z), k=k, chunk=k)
+                mu, logvar, lambda z: self.vae.log_px_given_z(x, z), k=k, chunk=k, generator=gen)
             self.log(f"{stage}/iwae{k}", terms[f"iwae{k}"].mean(), on_epoch=True, batch_size=x.shape[0], sync_dist=True)
         self._log_terms(stage, terms, x.shape[0], on_step=False)
         self._val_mu.append(mu.detach())
