@@ -36,17 +36,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
 
-class FinalCheckpoint(pl.Callback):
-    """Save last.ckpt when training ends: max_steps may stop between validations, where
-    ModelCheckpoint would leave last.ckpt at an older step."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-
-    def on_train_end(self, trainer, module):
-        trainer.save_checkpoint(self.path)  # every rank calls it; rank 0 writes
-
-
 class ImageGrids(pl.Callback):
     """Every N validation epochs: samples from fixed prior draws and reconstructions, as PNG."""
 
@@ -71,13 +60,16 @@ class ImageGrids(pl.Callback):
             module.train(was_training)
 
 
-class Preemption(pl.Callback):
-    """SIGUSR1 or SIGTERM: all ranks agree on a step, save an exact-resume checkpoint there, stop.
+class LastCheckpoint(pl.Callback):
+    """The one owner of last.ckpt, always written inside the loop where the saved progress is
+    consistent (after a validation, at an epoch's end, at max_steps, and on a signal), so a resume
+    continues at exactly the next batch.
 
-    The signal may reach every rank (Slurm) or only the process the user launched (a local DDP
-    run): the handler only sets a flag, and after every training step the ranks all-reduce their
-    flags, so all of them see it at the same step. This replaces Lightning's own SIGTERM handling
-    (which kills the children and stops without a checkpoint) for the duration of training.
+    SIGUSR1 or SIGTERM: all ranks agree on a step, save there and stop. The signal may reach every
+    rank (Slurm) or only the process the user launched (a local DDP run): the handler only sets a
+    flag, and after every training step the ranks all-reduce their flags, so all of them see it at
+    the same step. This replaces Lightning's own SIGTERM handling (which kills the child processes
+    and stops without a checkpoint) for the duration of training.
 
     Fault injection for tests: VAEPIPE_FAULT=STEP:SIGNAL (e.g. 12:TERM, 12:KILL) makes rank 0
     signal itself after step STEP; KILL takes down its whole process group when it leads one
@@ -91,6 +83,9 @@ class Preemption(pl.Callback):
         self.stopped_at: int | None = None  # global step of the signal checkpoint, if any
         fault = os.environ.get("VAEPIPE_FAULT", "")
         self.fault = (int(fault.split(":")[0]), getattr(signal, "SIG" + fault.split(":")[1])) if fault else None
+
+    def save(self, trainer) -> None:
+        trainer.save_checkpoint(self.ckpt_path)  # every rank calls it; rank 0 writes (atomically)
 
     def _handler(self, signum, frame):
         self.received = signum
@@ -115,11 +110,21 @@ class Preemption(pl.Callback):
         if trainer.world_size > 1 and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and self.stopped_at is None:
-            trainer.save_checkpoint(self.ckpt_path)
+            self.save(trainer)
             self.stopped_at = trainer.global_step
             trainer.should_stop = True
             name = signal.Signals(self.received).name if self.received else "a signal on another rank"
             rank_zero_info(f"{name}: checkpoint of step {trainer.global_step} saved to {self.ckpt_path}; stopping")
+        elif trainer.global_step == trainer.max_steps:
+            self.save(trainer)
+
+    def on_validation_end(self, trainer, module):
+        if not trainer.sanity_checking and self.stopped_at is None:
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer, module):
+        if self.stopped_at is None:
+            self.save(trainer)
 
 
 class RankStates(pl.Callback):

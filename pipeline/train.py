@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
-from pipeline.callbacks import AtomicCheckpointIO, FinalCheckpoint, ImageGrids, Preemption, RankStates
+from pipeline.callbacks import AtomicCheckpointIO, ImageGrids, LastCheckpoint, RankStates
 from pipeline.config import ConfigError, to_yaml
 from pipeline.data.location import is_remote
 from pipeline.data.shards import MANIFEST, prepare
@@ -93,16 +93,17 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
     return kwargs
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, images: ImageGrids, preemption: Preemption) -> pl.Trainer:
+def build_trainer(cfg: DictConfig, run_dir: Path, images: ImageGrids, last: LastCheckpoint) -> pl.Trainer:
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}-{step}", monitor=cfg.run.monitor, mode="min",
-                        save_top_k=cfg.run.save_top_k, save_last=True, auto_insert_metric_name=False),
-        images, preemption, RankStates(), FinalCheckpoint(ckpt_dir / "last.ckpt"),
+                        save_top_k=cfg.run.save_top_k, save_last=False, auto_insert_metric_name=False),
+        images, last, RankStates(),
     ]
     if cfg.run.every_n_train_steps > 0:  # periodic, the newest `keep_last` kept
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:08d}", monitor="step", mode="max",
-                                         save_top_k=cfg.run.keep_last, every_n_train_steps=cfg.run.every_n_train_steps))
+                                         save_top_k=cfg.run.keep_last, every_n_train_steps=cfg.run.every_n_train_steps,
+                                         auto_insert_metric_name=False))
     if cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     logger = build_logger(cfg, run_dir)
@@ -119,11 +120,11 @@ def build_logger(cfg: DictConfig, run_dir: Path):
     if backend == "csv":
         from pytorch_lightning.loggers import CSVLogger
 
-        return CSVLogger(save_dir=str(run_dir), name="logs", version="")
+        return CSVLogger(save_dir=str(run_dir), name="logs")  # logs/version_N: one per (re)start
     if backend == "tensorboard":
         from pytorch_lightning.loggers import TensorBoardLogger
 
-        return TensorBoardLogger(save_dir=str(run_dir), name="logs", version="")
+        return TensorBoardLogger(save_dir=str(run_dir), name="logs")
     from pytorch_lightning.loggers import WandbLogger
 
     return WandbLogger(project=cfg.logger.project, save_dir=str(run_dir), offline=cfg.logger.mode == "offline",
@@ -142,7 +143,7 @@ def fit(cfg: DictConfig) -> dict:
     datamodule = ShardDataModule(cfg.data, seed=cfg.run.seed)
     module = VAEModule(OmegaConf.to_container(cfg, resolve=True), list(datamodule.sample_shape))
     images = ImageGrids(run_dir / "images", cfg.logger.image_every_n_epochs)
-    preemption = Preemption(run_dir / "checkpoints" / "last.ckpt")
+    preemption = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt")
     trainer = build_trainer(cfg, run_dir, images, preemption)
     ckpt_path = resume_checkpoint(cfg, run_dir / "checkpoints")
     if ckpt_path and is_primary_process():

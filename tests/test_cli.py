@@ -22,7 +22,7 @@ def trained_run(sprites_root, tmp_path_factory):
 
 def test_fit_writes_run_folder_and_says_where(trained_run):
     run_dir, proc = trained_run
-    for path in ("config.yaml", "checkpoints/last.ckpt", "logs/metrics.csv", "images/samples_final.png",
+    for path in ("config.yaml", "checkpoints/last.ckpt", "logs/version_0/metrics.csv", "images/samples_final.png",
                  "images/recon_final.png"):
         assert (run_dir / path).is_file(), path
         assert str(run_dir / path) in proc.stdout or path.startswith("logs")
@@ -30,7 +30,7 @@ def test_fit_writes_run_folder_and_says_where(trained_run):
     assert config["run"]["dir"] == str(run_dir) and config["trainer"]["max_steps"] == 12
     img = Image.open(run_dir / "images/samples_final.png")
     assert img.size == (8 * 66 + 2, 8 * 66 + 2)  # 8x8 grid of 64px tiles, 2px padding
-    rows = list(csv.DictReader(open(run_dir / "logs/metrics.csv")))
+    rows = list(csv.DictReader(open(run_dir / "logs/version_0/metrics.csv")))
     columns = set(rows[0])
     assert {"train/loss", "train/elbo", "train/recon", "train/kl", "train/beta", "val/loss", "val/elbo",
             "val/kl", "val/iwae4", "val/active_units"} <= columns

@@ -26,6 +26,8 @@ from pipeline.data.shards import ShardError
 
 # __len__ is exact here (every slot yields its planned batches), whatever Lightning fears.
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+# The stream *is* resumable: ShardDataModule saves every rank's position and skips to it.
+warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable")
 
 
 def derived_seed(*parts) -> int:
@@ -224,6 +226,7 @@ class ShardDataModule(pl.LightningDataModule):
                              rank=rank, world_size=world, skip=skip, on_error=self.cfg.on_error)
         if train:
             self.last_plan = loader.plan
+
         return loader
 
     def train_dataloader(self):
