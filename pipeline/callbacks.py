@@ -81,8 +81,8 @@ class LastCheckpoint(pl.Callback):
         self.ckpt_path = Path(ckpt_path)
         self.received: int | None = None
         self.stopped_at: int | None = None  # global step of the signal checkpoint, if any
-        fault = os.environ.get("VAEPIPE_FAULT", "")
-        self.fault = (int(fault.split(":")[0]), getattr(signal, "SIG" + fault.split(":")[1])) if fault else None
+        step, _, kind = os.environ.get("VAEPIPE_FAULT", "").partition(":")
+        self.fault = (int(step), getattr(signal, "SIG" + kind)) if hasattr(signal, "SIG" + kind) and kind else None
 
     def save(self, trainer) -> None:
         trainer.save_checkpoint(self.ckpt_path)  # every rank calls it; rank 0 writes (atomically)

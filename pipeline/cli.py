@@ -8,6 +8,7 @@ import sys
 
 from pipeline.config import ConfigError, load_config, to_yaml
 from pipeline.data.shards import ShardError
+from pipeline.errors import ResumeError, TrainingDiverged
 from pipeline.data.sources import SOURCE_NAMES
 
 EXAMPLES = """examples:
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         sys.exit(run(args))
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, ShardError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, ShardError, ResumeError,
+            TrainingDiverged) as err:
         print(f"vaepipe {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -59,6 +59,7 @@ class OptimConfig:
     scheduler: str = "none"  # none | cosine | exponential | iwae (lr * 10^(-i/7) for 3^i epochs)
     gamma: float = 0.999  # exponential decay per epoch
     warmup_steps: int = 0  # linear learning-rate warm-up
+    max_nonfinite_steps: int = 20  # skip steps with a NaN/inf loss or gradient; stop after this many in a row
 
 
 @dataclass

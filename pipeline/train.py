@@ -18,6 +18,7 @@ from pipeline.data.location import is_remote
 from pipeline.data.shards import MANIFEST, prepare
 from pipeline.data.sources import SOURCE_NAMES
 from pipeline.data.stream import ShardDataModule
+from pipeline.errors import TrainingDiverged
 from pipeline.models.vae_module import VAEModule
 
 GENERATED = ("sprites", "gmm")  # sources that need no input file
@@ -154,6 +155,8 @@ def fit(cfg: DictConfig) -> dict:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # no stray 'terminate called' at exit
     ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if module.diverged:
+        raise TrainingDiverged(module.diverged)
     plan = datamodule.last_plan
     result = {
         "run_dir": str(run_dir), "config": str(run_dir / "config.yaml"), "checkpoint": str(ckpt),

@@ -23,9 +23,9 @@ def sprites_root(tmp_path_factory) -> Path:
     return root
 
 
-def vaepipe(*args, cwd=None, timeout=600, check=True) -> subprocess.CompletedProcess:
+def vaepipe(*args, cwd=None, timeout=600, check=True, env=None) -> subprocess.CompletedProcess:
     """Run the real console entry point (`python -m pipeline`) in a subprocess."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     proc = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

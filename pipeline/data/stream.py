@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.data.location import check_local_shards, load_manifest, shard_url
 from pipeline.data.plan import EpochPlan, Part, consumed_by_worker, plan_epoch
 from pipeline.data.shards import ShardError
+from pipeline.errors import ResumeError
 
 # __len__ is exact here (every slot yields its planned batches), whatever Lightning fears.
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
@@ -260,7 +261,7 @@ class ShardDataModule(pl.LightningDataModule):
             return
         saved = {k: ranks[0][k] for k in now}
         if len(ranks) != now["world_size"] or any(saved[k] != now[k] for k in ("world_size", "num_workers", "batch_size", "seed")):
-            raise RuntimeError(
+            raise ResumeError(
                 "cannot resume the data stream exactly: the checkpoint was written with "
                 f"world_size={saved['world_size']}, data.num_workers={saved['num_workers']}, "
                 f"data.batch_size={saved['batch_size']}, run.seed={saved['seed']}; this run has "

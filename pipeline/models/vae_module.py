@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytorch_lightning as pl
 import torch
@@ -22,6 +23,16 @@ def iwae_schedule_factor(epoch: int) -> float:
     return 10 ** (-stage / 7)
 
 
+def _nonfinite_fault() -> tuple[int, str, bool] | None:
+    """VAEPIPE_FAULT=STEP:NAN (loss) or STEP:GRADNAN (a gradient), '+' for every step from STEP:
+    fault injection for the tests of the non-finite guard."""
+    fault = os.environ.get("VAEPIPE_FAULT", "")
+    if ":" not in fault or "NAN" not in fault:
+        return None
+    step, kind = fault.split(":")
+    return int(step), kind.rstrip("+"), kind.endswith("+")
+
+
 class VAEModule(pl.LightningModule):
     """Training, validation and test steps; logs loss, ELBO, reconstruction, KL, IWAE bound, active units."""
 
@@ -34,6 +45,10 @@ class VAEModule(pl.LightningModule):
         gen = torch.Generator().manual_seed(self.cfg.run.seed)
         self.register_buffer("fixed_z", torch.randn(64, self.cfg.model.latent_dim, generator=gen), persistent=False)
         self._val_mu: list[torch.Tensor] = []
+        self.nonfinite_total = 0  # steps skipped for a non-finite loss or gradient
+        self.nonfinite_in_a_row = 0
+        self.diverged: str | None = None
+        self._fault = _nonfinite_fault()
         self.val_examples: torch.Tensor | None = None  # first validation inputs, for reconstruction grids
 
     # --- objective --------------------------------------------------------------------------------
@@ -68,10 +83,50 @@ class VAEModule(pl.LightningModule):
         x = batch["x"]
         beta = self.beta()
         terms, _, _ = self.objective(x, beta, generator=self.generator("train", self.global_step))
+        if self._fault_now("NAN"):
+            terms["loss"] = terms["loss"] * float("nan")
+        finite = torch.isfinite(terms["loss"].detach()).float()
+        if self.trainer.world_size > 1:  # every rank must skip together, or DDP's all-reduce hangs
+            finite = self.trainer.strategy.reduce(finite, reduce_op="min")
+        if not finite.item():
+            self._skip_step("loss")
+            return None  # Lightning then runs no backward and no optimiser step
         self._log_terms("train", terms, x.shape[0], on_step=True)
         self.log("train/beta", beta, on_step=True, on_epoch=False, batch_size=x.shape[0])
         self.log("loss", terms["loss"], prog_bar=True, on_step=True, on_epoch=False, logger=False)
         return terms["loss"]
+
+    # --- non-finite guard -------------------------------------------------------------------------
+
+    def _fault_now(self, kind: str) -> bool:
+        if self._fault is None or self._fault[1] != kind:
+            return False
+        step, _, every = self._fault
+        return self.global_step == step or (every and self.global_step > step)
+
+    def on_before_optimizer_step(self, optimizer):
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if self._fault_now("GRADNAN") and grads:
+            grads[0].fill_(float("nan"))
+        # Gradients are already all-reduced here, so every rank reaches the same verdict.
+        if grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all():
+            for p in self.parameters():
+                p.grad = None  # the optimiser skips parameters without a gradient: no update at all
+            self._skip_step("gradient")
+        else:
+            self.nonfinite_in_a_row = 0
+
+    def _skip_step(self, what: str) -> None:
+        self.nonfinite_total += 1
+        self.nonfinite_in_a_row += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_total), on_step=True, on_epoch=False, batch_size=1)
+        limit = self.cfg.optim.max_nonfinite_steps
+        if self.nonfinite_in_a_row >= limit:
+            self.diverged = (f"{self.nonfinite_in_a_row} steps in a row had a non-finite {what} (limit "
+                             f"optim.max_nonfinite_steps={limit}) at step {self.global_step}; the weights of the "
+                             "last good step are in checkpoints/last.ckpt. Lower optim.lr, set "
+                             "trainer.gradient_clip_val, or use 32-true precision.")
+            self.trainer.should_stop = True
 
     def _eval_step(self, stage: str, batch, batch_idx):
         x = batch["x"]
