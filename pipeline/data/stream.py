@@ -107,7 +107,8 @@ class ShardStream(IterableDataset):
         source = next((a for a in exn.args if isinstance(a, str) and (".tar" in a or "://" in a or "pipe:" in a)), None)
         if self.on_error == "skip":
             self.skipped_shards += 1
-            warnings.warn(f"skipping unreadable shard {source}: {exn.args[0] if exn.args else exn!r}")
+            warnings.warn(f"skipping unreadable shard {source} ({self.skipped_shards} skipped by this worker "
+                          f"this epoch): {exn.args[0] if exn.args else exn!r}")
             return True
         raise ShardError(f"cannot read shard {source or '(unknown)'}: {exn.args[0] if exn.args else exn!r}") from exn
 
@@ -158,10 +159,16 @@ class ShardStream(IterableDataset):
             batch.append(sample)
             if len(batch) == self.plan.batch_size:
                 if index >= done:
-                    yield self.collate([self.decoder(s) for s in batch], derived_seed(self.seed, self.epoch, slot, index))
+                    yield self._batch(batch, slot, index)
                 batch, index = [], index + 1
         if batch and index >= done:
-            yield self.collate([self.decoder(s) for s in batch], derived_seed(self.seed, self.epoch, slot, index))
+            yield self._batch(batch, slot, index)
+
+    def _batch(self, samples: list[dict], slot: int, index: int) -> dict:
+        out = self.collate([self.decoder(s) for s in samples], derived_seed(self.seed, self.epoch, slot, index))
+        if self.on_error == "skip":  # lets the training loop log how many shards were skipped
+            out["shards_skipped"] = torch.tensor(self.skipped_shards)
+        return out
 
 
 def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False, train: bool | None = None,

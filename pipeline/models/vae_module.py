@@ -93,6 +93,8 @@ class VAEModule(pl.LightningModule):
             return None  # Lightning then runs no backward and no optimiser step
         self._log_terms("train", terms, x.shape[0], on_step=True)
         self.log("train/beta", beta, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        if "shards_skipped" in batch:  # data.on_error=skip: unreadable shards this epoch (per worker)
+            self.log("train/shards_skipped", batch["shards_skipped"].float(), on_step=True, batch_size=1)
         self.log("loss", terms["loss"], prog_bar=True, on_step=True, on_epoch=False, logger=False)
         return terms["loss"]
 

@@ -1,0 +1,42 @@
+"""bf16-mixed on CPU trains the MNIST MLP VAE and IWAE (K=50) without a non-finite step and ends within
+1% of the fp32 run's validation loss (the mathematics stays float32 under autocast)."""
+
+import csv
+
+import pytest
+import yaml
+
+from tests.conftest import FAST, ROOT, SHARED_DATA, needs_shared, vaepipe
+
+NPZ = SHARED_DATA / "binarized_mnist" / "binarized_mnist_uint8.npz"
+
+
+@pytest.fixture(scope="module")
+def mnist_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bmnist")
+    vaepipe("prepare", "binarized-mnist", "--source", NPZ, "--out", root, "--sizes", "train=10000,val=500,test=10")
+    return root
+
+
+def final_val_loss(run_dir):
+    rows = [r for p in run_dir.glob("logs/*/metrics.csv") for r in csv.DictReader(open(p))]
+    assert not any(r.get("train/nonfinite_steps") for r in rows)  # no step was skipped
+    return [float(r["val/loss"]) for r in rows if r.get("val/loss")][-1]
+
+
+@needs_shared
+@pytest.mark.parametrize("objective,k", [("elbo", 1), ("iwae", 50)])
+def test_bf16_mixed_matches_fp32(mnist_root, tmp_path, objective, k):
+    losses = {}
+    for precision in ("32-true", "bf16-mixed"):
+        run_dir = tmp_path / precision
+        vaepipe("fit", "-c", ROOT / "configs/vae_mnist.yaml", "data.name=binarized-mnist", "data.binarize=none",
+                f"data.root={mnist_root}", f"run.dir={run_dir}", "trainer.max_steps=200", "trainer.max_epochs=-1",
+                f"model.objective={objective}", f"model.k={k}", "model.eval_k=0", f"trainer.precision={precision}",
+                "logger.image_every_n_epochs=0", *FAST)
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["precision"] == precision
+        losses[precision] = final_val_loss(run_dir)
+    print(f"\n{objective} K={k}: val loss after 200 steps fp32 {losses['32-true']:.2f}, bf16 {losses['bf16-mixed']:.2f}")
+    # Measured: 0.01% (ELBO) and 0.3% (IWAE K=50) apart; bf16 networks perturb every step a little, so
+    # the two trajectories drift apart slowly; 1% still fails a loss computed in bf16 (several nats off).
+    assert abs(losses["bf16-mixed"] - losses["32-true"]) / losses["32-true"] < 0.01
