@@ -12,6 +12,8 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
+
+from pipeline.errors import Preempted
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from pipeline.images import write_model_grids
@@ -109,22 +111,21 @@ class LastCheckpoint(pl.Callback):
         flag = torch.tensor([0 if self.received is None else 1], device=module.device)
         if trainer.world_size > 1 and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.stopped_at is None:
+        if flag.item():
             self.save(trainer)
             self.stopped_at = trainer.global_step
-            trainer.should_stop = True
             name = signal.Signals(self.received).name if self.received else "a signal on another rank"
             rank_zero_info(f"{name}: checkpoint of step {trainer.global_step} saved to {self.ckpt_path}; stopping")
-        elif trainer.global_step == trainer.max_steps:
+            raise Preempted(trainer.global_step, name)  # every rank, at this same step
+        if trainer.global_step == trainer.max_steps:
             self.save(trainer)
 
     def on_validation_end(self, trainer, module):
-        if not trainer.sanity_checking and self.stopped_at is None:
+        if not trainer.sanity_checking:
             self.save(trainer)
 
     def on_train_epoch_end(self, trainer, module):
-        if self.stopped_at is None:
-            self.save(trainer)
+        self.save(trainer)
 
 
 class RankStates(pl.Callback):

@@ -7,3 +7,12 @@ class ResumeError(RuntimeError):
 
 class TrainingDiverged(RuntimeError):
     """Too many non-finite losses or gradients in a row."""
+
+
+class Preempted(Exception):
+    """Raised on every rank right after the agreed signal checkpoint: leaves training at once, with no
+    end-of-epoch validation to eat into a preemption's grace period."""
+
+    def __init__(self, step: int, signame: str):
+        super().__init__(f"{signame}: stopped at step {step} after saving its checkpoint")
+        self.step, self.signame = step, signame

@@ -18,7 +18,7 @@ from pipeline.data.location import is_remote
 from pipeline.data.shards import MANIFEST, prepare
 from pipeline.data.sources import SOURCE_NAMES
 from pipeline.data.stream import ShardDataModule
-from pipeline.errors import TrainingDiverged
+from pipeline.errors import Preempted, TrainingDiverged
 from pipeline.models.vae_module import VAEModule
 
 GENERATED = ("sprites", "gmm")  # sources that need no input file
@@ -58,10 +58,11 @@ def ensure_prepared(data_cfg, seed: int, log=print, wait_s: float = 3600) -> Non
 
 
 def newest_valid_checkpoint(ckpt_dir: Path) -> str | None:
-    """The checkpoint with the highest global step among last.ckpt and the periodic ones; one that
-    cannot be read (truncated by a crash of the file system, say) is skipped with a warning."""
+    """The checkpoint with the highest global step among last.ckpt and the periodic step-*.ckpt (the
+    ones written at consistent points of the loop); one that cannot be read (truncated by a crash
+    of the file system, say) is skipped with a warning."""
     best, best_step = None, -1
-    for path in sorted(ckpt_dir.glob("*.ckpt")):
+    for path in sorted([*ckpt_dir.glob("last.ckpt"), *ckpt_dir.glob("step-*.ckpt")]):
         try:
             step = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"]
         except Exception as err:  # noqa: BLE001 - any unreadable file is skipped, and said so
@@ -151,6 +152,8 @@ def fit(cfg: DictConfig) -> dict:
         print(f"resuming from {ckpt_path}")
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except Preempted:
+        pass  # the checkpoint is saved; report below and exit with EXIT_PREEMPTED
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # no stray 'terminate called' at exit

@@ -55,6 +55,10 @@ def reference(sprites_root, tmp_path_factory):
         run_dir = tmp_path_factory.mktemp("ref") / name
         run(args(sprites_root, run_dir, *extra))
         out[name] = run_dir
+        # periodic checkpoints every 5 steps, the newest run.keep_last=2 kept; last and best beside them
+        names = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+        assert [n for n in names if n.startswith("step-")] == ["step-00000025.ckpt", "step-00000030.ckpt"]
+        assert "last.ckpt" in names and any(n.startswith("best-") for n in names)
     return out
 
 
@@ -109,3 +113,14 @@ def test_changed_topology_is_refused_clearly(sprites_root, tmp_path):
     proc = run(args(sprites_root, run_dir, "data.num_workers=1"), check=False)
     assert proc.returncode != 0
     assert "cannot resume the data stream exactly" in proc.stderr and "data.num_workers=2" in proc.stderr
+
+
+def test_truncated_newest_checkpoint_is_skipped(reference, sprites_root, tmp_path):
+    run_dir = tmp_path / "run"
+    run(args(sprites_root, run_dir), env={"VAEPIPE_FAULT": "17:TERM"}, check=False)
+    last = run_dir / "checkpoints/last.ckpt"
+    last.write_bytes(last.read_bytes()[:4096])  # e.g. a file system that lost the tail of the file
+    proc = run(args(sprites_root, run_dir))
+    assert f"skipping unreadable checkpoint {last}" in proc.stderr
+    assert "resuming from" in proc.stdout and "step-00000015.ckpt" in proc.stdout
+    assert_identical(run_dir, reference["single"])  # replaying steps 15-17 gives the same weights
