@@ -47,6 +47,7 @@ class DataConfig:
     shard_bytes: int = 64_000_000  # new shard after this many bytes ...
     shard_samples: int = 0  # ... or this many samples (0 = no count limit)
     on_error: str = "stop"  # an unreadable shard: stop (default) | skip (warn, count, go on)
+    worker_start: str = "forkserver"  # how loader workers start: forkserver (safe beside DDP threads) | fork | spawn
 
 
 @dataclass
@@ -142,6 +143,7 @@ CHOICES = {
     "model.arch": ("mlp", "conv"),
     "data.binarize": ("none", "dynamic", "threshold"),
     "data.on_error": ("stop", "skip"),
+    "data.worker_start": ("forkserver", "fork", "spawn"),
     "optim.name": ("adam", "adamw", "sgd"),
     "optim.scheduler": ("none", "cosine", "exponential", "iwae"),
     "logger.backend": ("csv", "wandb", "tensorboard", "none"),

@@ -10,6 +10,7 @@ resumed run skips the batches already consumed and continues with identical data
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import random
 import warnings
 from itertools import islice
@@ -171,10 +172,26 @@ class ShardStream(IterableDataset):
         return out
 
 
+_CONTEXTS: dict = {}
+
+
+def worker_context(method: str = "forkserver"):
+    """Loader workers start from a forkserver, not by forking the training process: a fork taken
+    while gloo/NCCL or OpenMP threads hold a lock can leave the worker deadlocked before its first
+    batch (Python 3.12 warns about exactly this). The server preloads torch and this module once, so
+    a new worker costs a fork of a small process, not an interpreter start."""
+    if method not in _CONTEXTS:
+        _CONTEXTS[method] = multiprocessing.get_context(method)
+        if method == "forkserver":
+            _CONTEXTS[method].set_forkserver_preload(["torch", "numpy", "webdataset", __name__])
+    return _CONTEXTS[method]
+
+
 def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False, train: bool | None = None,
                 seed: int = 0, epoch: int = 0, shuffle_buffer: int = 2000, num_workers: int = 0,
                 binarize: str = "none", limit: int | None = None, manifest: dict | None = None, rank: int = 0,
-                world_size: int = 1, skip: int = 0, on_error: str = "stop") -> DataLoader:
+                world_size: int = 1, skip: int = 0, on_error: str = "stop", worker_start: str = "forkserver"
+                ) -> DataLoader:
     """A loader of dict batches {"x": float32 [B, *shape], "y": [B], "factors": [B, F]} over one split
     for one rank and one epoch. `train` (default: = shuffle) gives every rank the same number of full
     batches; otherwise every sample is read (padded by repeats only with several ranks)."""
@@ -190,7 +207,8 @@ def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False
     stream = ShardStream(plan, rank=rank, workers=workers, seed=seed, epoch=epoch, shuffle=shuffle,
                          shuffle_buffer=shuffle_buffer, decoder=Decoder(entry["shape"], entry["dtype"]),
                          collate=Collate(manifest["scale"], binarize), skip=skip, on_error=on_error, limit=limit)
-    loader = DataLoader(stream, batch_size=None, num_workers=workers)
+    loader = DataLoader(stream, batch_size=None, num_workers=workers,
+                        multiprocessing_context=worker_context(worker_start) if workers else None)
     loader.plan = plan  # for reports: dropped / repeated samples
     return loader
 
@@ -231,7 +249,8 @@ class ShardDataModule(pl.LightningDataModule):
         loader = make_loader(self.cfg.root, split, self.cfg.batch_size if train else self.cfg.eval_batch_size,
                              shuffle=train, seed=self.seed, epoch=epoch, shuffle_buffer=self.cfg.shuffle_buffer,
                              num_workers=self.cfg.num_workers, binarize=self.cfg.binarize, manifest=self.manifest,
-                             rank=rank, world_size=world, skip=skip, on_error=self.cfg.on_error)
+                             rank=rank, world_size=world, skip=skip, on_error=self.cfg.on_error,
+                             worker_start=self.cfg.worker_start)
         if train:
             self.last_plan = loader.plan
 
