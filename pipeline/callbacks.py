@@ -85,6 +85,11 @@ class LastCheckpoint(pl.Callback):
         self.stopped_at: int | None = None  # global step of the signal checkpoint, if any
         step, _, kind = os.environ.get("VAEPIPE_FAULT", "").partition(":")
         self.fault = (int(step), getattr(signal, "SIG" + kind)) if hasattr(signal, "SIG" + kind) and kind else None
+        self._install()  # now already: a SIGUSR1 during start-up must not kill the process
+
+    def _install(self):
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handler)
 
     def save(self, trainer) -> None:
         trainer.save_checkpoint(self.ckpt_path)  # every rank calls it; rank 0 writes (atomically)
@@ -93,8 +98,7 @@ class LastCheckpoint(pl.Callback):
         self.received = signum
 
     def on_train_start(self, trainer, module):
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handler)  # Lightning's teardown restores the originals
+        self._install()  # again: Lightning installed its SIGTERM handler meanwhile
 
     def _inject_fault(self, trainer):
         step, sig = self.fault

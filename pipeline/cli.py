@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from pipeline.config import ConfigError, load_config, to_yaml
 from pipeline.data.shards import ShardError
@@ -53,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="train a model (prepares missing shards first)")
     _config_args(p)
 
+    p = sub.add_parser("submit", help="render the Slurm script for a training run and sbatch it")
+    _config_args(p)
+    p.add_argument("--nodes", type=int, help="must equal trainer.num_nodes")
+    p.add_argument("--gpus-per-node", type=int, help="must equal trainer.devices (0: CPU job)")
+    p.add_argument("--partition")
+    p.add_argument("--time", help="walltime, e.g. 04:00:00; the job requeues itself before it runs out")
+    p.add_argument("--account")
+    p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+
     p = sub.add_parser("config", help="print the resolved config")
     _config_args(p)
 
@@ -87,6 +97,16 @@ def run(args: argparse.Namespace) -> int:
             return 1 if problems else 0
         prepare(args.name, args.out, source=args.source, seed=args.seed, sizes=args.sizes,
                 shard_bytes=args.shard_bytes, shard_samples=args.shard_samples, force=args.force)
+    elif args.command == "submit":
+        from pipeline.launch.slurm import submit
+
+        cfg = load_config(args.config, args.overrides)
+        script, job = submit(cfg, dry_run=args.dry_run, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                             partition=args.partition, time=args.time, account=args.account)
+        if args.dry_run:
+            print(job, end="")
+        else:
+            print(f"submitted job {job}: script {script}, log {Path(cfg.run.dir) / f'slurm-{job}.out'}")
     elif args.command == "config":
         print(to_yaml(load_config(args.config, args.overrides)), end="")
     elif args.command == "fit":
@@ -116,7 +136,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may stand anywhere, also after options (`submit --nodes 2 trainer.num_nodes=2`)
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(t.startswith("-") or "=" not in t for t in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         sys.exit(run(args))
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, ShardError, ResumeError,

@@ -106,6 +106,23 @@ class RunConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """Site settings for `vaepipe submit` (docs/slurm.md); CLI flags override the first five."""
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time: str = "04:00:00"  # walltime; the job requeues itself before it runs out
+    gpus_per_node: int = 0  # 0 on CPU clusters; must equal trainer.devices when > 0
+    cpus_per_task: int = 4
+    signal_grace_s: int = 120  # SIGUSR1 this long before the time limit: checkpoint, requeue
+    requeue: bool = True  # on SIGUSR1/SIGTERM, rank 0 runs `scontrol requeue` after the checkpoint
+    setup: list[str] = field(default_factory=list)  # shell lines before srun: module load, source venv, ...
+    env: dict[str, str] = field(default_factory=dict)  # exported before srun (values shell-quoted)
+    extra_sbatch: list[str] = field(default_factory=list)  # more #SBATCH options, e.g. "--constraint=a100"
+    template: Optional[str] = None  # another sbatch template (default: slurm/train.sbatch)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -113,6 +130,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 class ConfigError(ValueError):

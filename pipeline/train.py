@@ -19,6 +19,7 @@ from pipeline.data.shards import MANIFEST, prepare
 from pipeline.data.sources import SOURCE_NAMES
 from pipeline.data.stream import ShardDataModule
 from pipeline.errors import Preempted, TrainingDiverged
+from pipeline.launch.slurm import requeue_self, under_slurm_batch
 from pipeline.models.vae_module import VAEModule
 
 GENERATED = ("sprites", "gmm")  # sources that need no input file
@@ -111,8 +112,15 @@ def build_trainer(cfg: DictConfig, run_dir: Path, images: ImageGrids, last: Last
     logger = build_logger(cfg, run_dir)
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    plugins = [AtomicCheckpointIO()]
+    if under_slurm_batch():
+        from lightning_fabric.plugins.environments import SLURMEnvironment
+
+        # One owner of requeue: LastCheckpoint saves on SIGUSR1 and fit() requeues; Lightning's own
+        # SIGUSR1 handler (hpc_ckpt + scontrol requeue) stays off.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return pl.Trainer(**trainer_kwargs(cfg), default_root_dir=str(run_dir), callbacks=callbacks, logger=logger,
-                      plugins=[AtomicCheckpointIO()], reload_dataloaders_every_n_epochs=1)
+                      plugins=plugins, reload_dataloaders_every_n_epochs=1)
 
 
 def build_logger(cfg: DictConfig, run_dir: Path):
@@ -153,7 +161,10 @@ def fit(cfg: DictConfig) -> dict:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except Preempted:
-        pass  # the checkpoint is saved; report below and exit with EXIT_PREEMPTED
+        # The checkpoint is saved on every rank's behalf; under Slurm rank 0 puts the job back in the
+        # queue (same job id: same run folder), otherwise report below and exit with EXIT_PREEMPTED.
+        if cfg.slurm.requeue and trainer.is_global_zero and "SLURM_JOB_ID" in os.environ:
+            requeue_self()
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # no stray 'terminate called' at exit

@@ -1,0 +1,1 @@
+"""Launch code (Slurm jobs, sweeps), apart from the training code."""

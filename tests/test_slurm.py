@@ -1,0 +1,109 @@
+"""Jobs through a real Slurm cluster on localhost (tests/slurm_cluster.py), with the scripts that
+`vaepipe submit` renders from the real template: multi-task and multi-node training, a time limit
+that signals, checkpoints, requeues and finishes with the uninterrupted run's weights, and
+requests that do not fit the trainer refused before submission."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from tests.slurm_cluster import SlurmCluster, missing
+
+pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
+
+COMMON = ["slurm.cpus_per_task=1", "slurm.env.MASTER_ADDR=127.0.0.1", "trainer.enable_progress_bar=false",
+          "logger.backend=csv", "logger.image_every_n_epochs=0", "data.batch_size=32", "model.eval_k=0",
+          "trainer.max_epochs=-1", "trainer.accelerator=cpu"]
+SMALL = ["model.arch=mlp", "model.hidden=[32]", "model.latent_dim=4", "data.num_workers=1"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield c
+    c.stop()
+
+
+def submit(cluster, *args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "submit", *map(str, args)], cwd=ROOT, text=True,
+                          capture_output=True, env=cluster.env)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    return proc
+
+
+def final(run_dir):
+    return torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+
+
+@pytest.mark.parametrize("nodes,tasks", [(1, 2), (2, 1)], ids=["1node-2tasks", "2nodes-1task"])
+def test_multi_process_jobs_train_and_finish(cluster, sprites_root, tmp_path, nodes, tasks):
+    run_dir = tmp_path / "run"
+    job = submit(cluster, f"data.root={sprites_root}", f"run.dir={run_dir}", "trainer.max_steps=12",
+                 f"trainer.num_nodes={nodes}", f"trainer.devices={tasks}", "--nodes", nodes, *COMMON, *SMALL)
+    info = cluster.wait(job, timeout=240)
+    log = (run_dir / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert f"{nodes * tasks} task(s)" in log and (nodes == 1 or "n[1-2]" in log)
+    ckpt = final(run_dir)
+    assert ckpt["global_step"] == 12
+    assert [p["world_size"] for p in ckpt["ShardDataModule"]["stream_positions"]] == [nodes * tasks] * (nodes * tasks)
+    assert (run_dir / "job.sbatch").read_text().count("#SBATCH --ntasks-per-node=" + str(tasks)) == 1
+
+
+def test_time_limit_signal_checkpoint_requeue_and_identical_weights(cluster, sprites_root, tmp_path):
+    # --time 2 min with the signal 100 s before the end: SIGUSR1 ~20 s after start, mid-training
+    # (~35 s of steps). The job saves, requeues itself; the test releases the requeued job at once.
+    run_dir = tmp_path / "run"
+    job = submit(cluster, f"data.root={sprites_root}", f"run.dir={run_dir}", "trainer.max_steps=400",
+                 "slurm.signal_grace_s=100", "model.latent_dim=4", "data.num_workers=2", "--time", "00:02:00",
+                 *COMMON)
+    info = cluster.wait(job, timeout=420)
+    log = (run_dir / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert int(info["Restarts"]) >= 1 and "SIGUSR1: checkpoint of step" in log and f"requeue of job {job}: done" in log
+    step = int(re.search(r"SIGUSR1: checkpoint of step (\d+)", log).group(1))
+    assert 0 < step < 400
+    assert "resuming from" in log
+    # the same config, never interrupted, outside Slurm
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, "-m", "pipeline", "fit", "-c", run_dir / "config.yaml", f"run.dir={ref}"],
+                   cwd=ROOT, check=True, capture_output=True, env={k: v for k, v in os.environ.items()
+                                                                    if not k.startswith("SLURM")})
+    a, b = final(run_dir), final(ref)
+    assert a["global_step"] == b["global_step"] == 400
+    for name, tensor in b["state_dict"].items():
+        assert torch.equal(a["state_dict"][name], tensor), f"{name} differs after the requeue (signal at step {step})"
+
+
+def test_mis_sized_requests_are_refused_before_submission(cluster, tmp_path):
+    jobs_before = cluster.run("squeue", "-h").stdout
+    cases = [
+        (["trainer.devices=2", "--gpus-per-node", "1"], "--gpus-per-node 1 but trainer.devices=2"),
+        (["--nodes", "2"], "--nodes 2 but trainer.num_nodes=1"),
+        (["--partition", "multi;touch /tmp/pwned"], "cannot go into an #SBATCH line"),
+        (["--time", "$(reboot)"], "is not a Slurm time"),
+    ]
+    for args, message in cases:
+        proc = submit(cluster, f"run.dir={tmp_path / 'run'}", *args, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert cluster.run("squeue", "-h").stdout == jobs_before  # nothing was submitted
+    assert not (tmp_path / "run").exists()
+
+
+def test_rendered_script_quotes_values(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pipeline", "submit", "--dry-run", f"run.dir={tmp_path / 'r x'}",
+                          "slurm.env.NOTE=a b; rm -rf /", "--partition", "multi"], cwd=ROOT, text=True,
+                         capture_output=True)
+    assert out.returncode == 2 and "cannot go into an #SBATCH line" in out.stderr  # a space in the log path
+    out = subprocess.run([sys.executable, "-m", "pipeline", "submit", "--dry-run", f"run.dir={tmp_path / 'r'}",
+                          "slurm.env.NOTE=a b; rm -rf /", "--partition", "multi"], cwd=ROOT, text=True,
+                         capture_output=True, check=True).stdout
+    assert "export NOTE='a b; rm -rf /'" in out and "#SBATCH --partition=multi" in out
+    assert "#SBATCH --signal=SIGUSR1@120" in out and "#SBATCH --requeue" in out and "srun " in out
