@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -59,9 +60,10 @@ def test_multi_process_jobs_train_and_finish(cluster, sprites_root, tmp_path, no
 
 def test_time_limit_signal_checkpoint_requeue_and_identical_weights(cluster, sprites_root, tmp_path):
     # --time 2 min with the signal 100 s before the end: SIGUSR1 ~20 s after start, mid-training
-    # (~35 s of steps). The job saves, requeues itself; the test releases the requeued job at once.
+    # (~40 s of steps here). The job saves and requeues itself, maybe twice; the test releases each
+    # requeued job at once instead of letting Slurm hold it ~120 s.
     run_dir = tmp_path / "run"
-    job = submit(cluster, f"data.root={sprites_root}", f"run.dir={run_dir}", "trainer.max_steps=400",
+    job = submit(cluster, f"data.root={sprites_root}", f"run.dir={run_dir}", "trainer.max_steps=600",
                  "slurm.signal_grace_s=100", "model.latent_dim=4", "data.num_workers=2", "--time", "00:02:00",
                  *COMMON)
     info = cluster.wait(job, timeout=420)
@@ -69,7 +71,7 @@ def test_time_limit_signal_checkpoint_requeue_and_identical_weights(cluster, spr
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert int(info["Restarts"]) >= 1 and "SIGUSR1: checkpoint of step" in log and f"requeue of job {job}: done" in log
     step = int(re.search(r"SIGUSR1: checkpoint of step (\d+)", log).group(1))
-    assert 0 < step < 400
+    assert 0 < step < 600
     assert "resuming from" in log
     # the same config, never interrupted, outside Slurm
     ref = tmp_path / "ref"
@@ -77,9 +79,40 @@ def test_time_limit_signal_checkpoint_requeue_and_identical_weights(cluster, spr
                    cwd=ROOT, check=True, capture_output=True, env={k: v for k, v in os.environ.items()
                                                                     if not k.startswith("SLURM")})
     a, b = final(run_dir), final(ref)
-    assert a["global_step"] == b["global_step"] == 400
+    assert a["global_step"] == b["global_step"] == 600
     for name, tensor in b["state_dict"].items():
         assert torch.equal(a["state_dict"][name], tensor), f"{name} differs after the requeue (signal at step {step})"
+
+
+def test_scancel_signals_and_plain_restart(cluster, sprites_root, tmp_path):
+    # `scancel --signal=USR1` (a user or a script asking for a checkpoint) and SIGTERM (preemption)
+    # reach every task: each time the job saves, requeues and continues; a later plain
+    # `vaepipe fit` of the same config by hand then finds the run already complete.
+    run_dir = tmp_path / "run"
+    job = submit(cluster, f"data.root={sprites_root}", f"run.dir={run_dir}", "trainer.max_steps=3000",
+                 "run.every_n_train_steps=20", *COMMON, *SMALL)
+    for sig, restarts in (("USR1", 0), ("TERM", 1)):
+        deadline = time.time() + 120
+        while not (cluster.job(job).get("JobState") == "RUNNING" and int(cluster.job(job).get("Restarts", 0)) == restarts
+                   and list((run_dir / "checkpoints").glob("step-*.ckpt"))) and time.time() < deadline:
+            if cluster.job(job).get("JobState") == "PENDING":
+                cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+            time.sleep(0.5)
+        time.sleep(2)
+        cluster.run("scancel", f"--signal={sig}", job)
+        deadline = time.time() + 120
+        while int(cluster.job(job).get("Restarts", 0)) == restarts and time.time() < deadline:
+            time.sleep(0.5)
+    info = cluster.wait(job, timeout=300)
+    log = (run_dir / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert "SIGUSR1: checkpoint of step" in log and "SIGTERM: checkpoint of step" in log
+    assert int(info["Restarts"]) == 2 and log.count("resuming from") == 2
+    assert final(run_dir)["global_step"] == 3000
+    by_hand = subprocess.run([sys.executable, "-m", "pipeline", "fit", "-c", run_dir / "config.yaml"], cwd=ROOT,
+                             capture_output=True, text=True, check=True,
+                             env={k: v for k, v in os.environ.items() if not k.startswith("SLURM")})
+    assert "resuming from" in by_hand.stdout and final(run_dir)["global_step"] == 3000
 
 
 def test_mis_sized_requests_are_refused_before_submission(cluster, tmp_path):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import random
+import signal
+import threading
 import warnings
 from itertools import islice
 
@@ -184,7 +186,27 @@ def worker_context(method: str = "forkserver"):
         _CONTEXTS[method] = multiprocessing.get_context(method)
         if method == "forkserver":
             _CONTEXTS[method].set_forkserver_preload(["torch", "numpy", "webdataset", __name__])
+            _start_helpers_ignoring_stop_signals()
     return _CONTEXTS[method]
+
+
+def _start_helpers_ignoring_stop_signals() -> None:
+    """Start multiprocessing's forkserver and resource tracker with SIGUSR1/SIGTERM ignored, a
+    disposition they and every worker forked from them inherit. `scancel --signal=USR1` or a
+    preemption signals every process of a Slurm job step; only the training process may act on it
+    (save, then stop its workers itself), the helpers would otherwise die mid-epoch."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    from multiprocessing import forkserver, resource_tracker
+
+    stop_signals = (signal.SIGUSR1, signal.SIGTERM)
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in stop_signals}
+    try:
+        resource_tracker.ensure_running()
+        forkserver.ensure_running()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False, train: bool | None = None,
