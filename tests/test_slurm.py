@@ -140,3 +140,15 @@ def test_rendered_script_quotes_values(tmp_path):
                          capture_output=True, check=True).stdout
     assert "export NOTE='a b; rm -rf /'" in out and "#SBATCH --partition=multi" in out
     assert "#SBATCH --signal=SIGUSR1@120" in out and "#SBATCH --requeue" in out and "srun " in out
+
+
+def test_sweep_array_template_renders():
+    from pipeline.config import load_config
+    from pipeline.launch.slurm import TEMPLATES, render
+
+    cfg = load_config([], ["trainer.devices=2", "slurm.gpus_per_node=2"])
+    text = render(cfg, config_path="runs/x/config.yaml", template=TEMPLATES / "sweep_array.sbatch",
+                  extra={"array": "0-9%2", "sweep_id": "'ent/proj/abc123'"})
+    assert "#SBATCH --array=0-9%2" in text and "wandb agent --count 1 'ent/proj/abc123'" in text
+    assert "#SBATCH --gpus-per-node=2" in text and "#SBATCH --ntasks-per-node=2" in text
+    assert "${" not in text.replace("${SLURM", "")  # every placeholder filled
