@@ -92,7 +92,7 @@ class LastCheckpoint(pl.Callback):
             signal.signal(sig, self._handler)
 
     def save(self, trainer) -> None:
-        trainer.save_checkpoint(self.ckpt_path)  # every rank calls it; rank 0 writes (atomically)
+        trainer.save_checkpoint(self.ckpt_path, weights_only=False)  # every rank calls it; rank 0 writes (atomically)
 
     def _handler(self, signum, frame):
         self.received = signum

@@ -17,7 +17,7 @@ from pipeline.config import ConfigError, to_yaml
 from pipeline.data.location import is_remote
 from pipeline.data.shards import MANIFEST, prepare
 from pipeline.data.sources import SOURCE_NAMES
-from pipeline.data.stream import ShardDataModule
+from pipeline.data.datamodule import ShardDataModule
 from pipeline.errors import Preempted, TrainingDiverged
 from pipeline.launch.slurm import requeue_self, under_slurm_batch
 from pipeline.models.vae_module import VAEModule

@@ -18,7 +18,6 @@ import warnings
 from itertools import islice
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -26,7 +25,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.data.location import check_local_shards, load_manifest, shard_url
 from pipeline.data.plan import EpochPlan, Part, consumed_by_worker, plan_epoch
 from pipeline.data.shards import ShardError
-from pipeline.errors import ResumeError
 
 # __len__ is exact here (every slot yields its planned batches), whatever Lightning fears.
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
@@ -61,8 +59,8 @@ class Decoder:
 
 class Collate:
     """Stack a batch of raw arrays, convert to float32 and scale once per batch (not per sample),
-    then binarise if asked: `dynamic` redraws x ~ Bernoulli(pixel) on every read (the IWAE paper's
-    MNIST) from a generator seeded per batch, `threshold` keeps x > 0.5."""
+    then binarise if asked: `dynamic` draws x ~ Bernoulli(pixel) anew every epoch (the IWAE paper's
+    MNIST) from a generator seeded per (seed, epoch, slot, batch), `threshold` keeps x > 0.5."""
 
     def __init__(self, scale: float, binarize: str = "none"):
         self.scale, self.binarize = float(scale), binarize
@@ -81,8 +79,6 @@ class Collate:
         if "factors" in samples[0]:
             batch["factors"] = torch.from_numpy(np.stack([s["factors"] for s in samples]))
         return batch
-
-
 
 
 class ShardStream(IterableDataset):
@@ -233,87 +229,3 @@ def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False
                         multiprocessing_context=worker_context(worker_start) if workers else None)
     loader.plan = plan  # for reports: dropped / repeated samples
     return loader
-
-
-class ShardDataModule(pl.LightningDataModule):
-    """train/val/test loaders from a data root, for the trainer's rank and world size.
-
-    Its state (saved in every checkpoint) is each rank's stream position: epoch and batches
-    consumed, gathered from all ranks, with the topology they were computed for. On resume every
-    rank restarts its stream exactly there; a different topology is refused (see docs/resume.md)."""
-
-    def __init__(self, data_cfg, seed: int = 0):
-        super().__init__()
-        self.cfg, self.seed = data_cfg, seed
-        self.manifest = load_manifest(data_cfg.root)
-        self._resume: dict | None = None  # this rank's saved position, until its epoch's loader is built
-        self.last_plan: EpochPlan | None = None
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return tuple(self.manifest["splits"]["train"]["shape"])
-
-    def _rank_world(self) -> tuple[int, int]:
-        t = self.trainer
-        return (t.global_rank, t.world_size) if t is not None else (0, 1)
-
-    def _topology(self) -> dict:
-        _, world = self._rank_world()
-        return {"world_size": world, "num_workers": self.cfg.num_workers, "batch_size": self.cfg.batch_size,
-                "seed": self.seed, "root": str(self.cfg.root)}
-
-    def _loader(self, split: str, train: bool = False) -> DataLoader:
-        rank, world = self._rank_world()
-        epoch = self.trainer.current_epoch if (train and self.trainer is not None) else 0
-        skip = 0
-        if train and self._resume is not None and self._resume["epoch"] == epoch:
-            skip, self._resume = self._resume["batches"], None
-        loader = make_loader(self.cfg.root, split, self.cfg.batch_size if train else self.cfg.eval_batch_size,
-                             shuffle=train, seed=self.seed, epoch=epoch, shuffle_buffer=self.cfg.shuffle_buffer,
-                             num_workers=self.cfg.num_workers, binarize=self.cfg.binarize, manifest=self.manifest,
-                             rank=rank, world_size=world, skip=skip, on_error=self.cfg.on_error,
-                             worker_start=self.cfg.worker_start)
-        if train:
-            self.last_plan = loader.plan
-
-        return loader
-
-    def train_dataloader(self):
-        return self._loader("train", train=True)
-
-    def val_dataloader(self):
-        return self._loader("val")
-
-    def test_dataloader(self):
-        return self._loader("test")
-
-    # --- exact resume ---------------------------------------------------------------------------
-
-    def state_dict(self) -> dict:
-        """Called on every rank while a checkpoint is assembled: gather all ranks' positions."""
-        t = self.trainer
-        batches = t.fit_loop.epoch_loop.batch_progress.current.processed if t is not None else 0
-        mine = {"rank": self._rank_world()[0], "epoch": t.current_epoch if t is not None else 0,
-                "batches": int(batches), **self._topology()}
-        ranks = [mine]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            ranks = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(ranks, mine)
-        return {"stream_positions": ranks}
-
-    def load_state_dict(self, state: dict) -> None:
-        ranks = state.get("stream_positions") or []
-        rank, _ = self._rank_world()
-        now = self._topology()
-        if not ranks:
-            return
-        saved = {k: ranks[0][k] for k in now}
-        if len(ranks) != now["world_size"] or any(saved[k] != now[k] for k in ("world_size", "num_workers", "batch_size", "seed")):
-            raise ResumeError(
-                "cannot resume the data stream exactly: the checkpoint was written with "
-                f"world_size={saved['world_size']}, data.num_workers={saved['num_workers']}, "
-                f"data.batch_size={saved['batch_size']}, run.seed={saved['seed']}; this run has "
-                f"world_size={now['world_size']}, data.num_workers={now['num_workers']}, "
-                f"data.batch_size={now['batch_size']}, run.seed={now['seed']}. Resume with the same "
-                "values, or start a new run folder (run.resume=never keeps the old one untouched).")
-        self._resume = {"epoch": ranks[rank]["epoch"], "batches": ranks[rank]["batches"]}
