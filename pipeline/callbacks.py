@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
+from pipeline import signals
 from pipeline.errors import Preempted
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
@@ -77,28 +78,18 @@ class LastCheckpoint(pl.Callback):
     signal itself after step STEP; KILL takes down its whole process group when it leads one
     (a crashed node), else only itself."""
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
     def __init__(self, ckpt_path: str | Path):
         self.ckpt_path = Path(ckpt_path)
-        self.received: int | None = None
         self.stopped_at: int | None = None  # global step of the signal checkpoint, if any
         step, _, kind = os.environ.get("VAEPIPE_FAULT", "").partition(":")
         self.fault = (int(step), getattr(signal, "SIG" + kind)) if hasattr(signal, "SIG" + kind) and kind else None
-        self._install()  # now already: a SIGUSR1 during start-up must not kill the process
-
-    def _install(self):
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handler)
+        signals.install()  # `vaepipe fit` did already; this covers other callers of fit()
 
     def save(self, trainer) -> None:
         trainer.save_checkpoint(self.ckpt_path, weights_only=False)  # every rank calls it; rank 0 writes (atomically)
 
-    def _handler(self, signum, frame):
-        self.received = signum
-
     def on_train_start(self, trainer, module):
-        self._install()  # again: Lightning installed its SIGTERM handler meanwhile
+        signals.install()  # again: Lightning installed its SIGTERM handler meanwhile
 
     def _inject_fault(self, trainer):
         step, sig = self.fault
@@ -112,13 +103,14 @@ class LastCheckpoint(pl.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if self.fault:
             self._inject_fault(trainer)
-        flag = torch.tensor([0 if self.received is None else 1], device=module.device)
+        received = signals.received()
+        flag = torch.tensor([0 if received is None else 1], device=module.device)
         if trainer.world_size > 1 and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item():
             self.save(trainer)
             self.stopped_at = trainer.global_step
-            name = signal.Signals(self.received).name if self.received else "a signal on another rank"
+            name = signal.Signals(received).name if received else "a signal on another rank"
             rank_zero_info(f"{name}: checkpoint of step {trainer.global_step} saved to {self.ckpt_path}; stopping")
             raise Preempted(trainer.global_step, name)  # every rank, at this same step
         if trainer.global_step == trainer.max_steps:

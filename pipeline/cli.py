@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_config, to_yaml
-from pipeline.data.shards import ShardError
-from pipeline.errors import ResumeError, TrainingDiverged
+from pipeline import signals
+from pipeline.errors import ResumeError, ShardError, TrainingDiverged
 from pipeline.data.sources import SOURCE_NAMES
 
 EXAMPLES = """examples:
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "prepare":
-        from pipeline.data.shards import prepare, verify
+        from pipeline.data.shards import prepare, verify  # noqa: I001
 
         if args.verify:
             problems = verify(args.out)
@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if args.command == "fit":
+        signals.install()  # before torch is even imported (see pipeline/signals.py)
     try:
         sys.exit(run(args))
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, ShardError, ResumeError,

@@ -1,6 +1,10 @@
 """Errors that reach the user as one clear line (the CLI prints them without a traceback)."""
 
 
+class ShardError(RuntimeError):
+    """A shard that cannot be read, named by its path."""
+
+
 class ResumeError(RuntimeError):
     """A checkpoint that cannot be resumed exactly as configured."""
 

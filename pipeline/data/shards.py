@@ -17,14 +17,11 @@ import numpy as np
 import webdataset as wds
 
 from pipeline.data.sources import SourceData, load_source
+from pipeline.errors import ShardError  # noqa: F401 - re-exported: raised by the loader and location
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
-
-
-class ShardError(RuntimeError):
-    """A shard that cannot be read, named by its path."""
 
 
 def sha256_file(path: Path, block: int = 1 << 20) -> str:
