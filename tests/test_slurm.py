@@ -58,6 +58,7 @@ def test_multi_process_jobs_train_and_finish(cluster, sprites_root, tmp_path, no
     assert (run_dir / "job.sbatch").read_text().count("#SBATCH --ntasks-per-node=" + str(tasks)) == 1
 
 
+@pytest.mark.timeout(1200)  # ~3.5 min alone; a loaded machine slows each restart
 def test_time_limit_signal_checkpoint_requeue_and_identical_weights(cluster, sprites_root, tmp_path):
     # --time 3 min with the signal 100 s before the end: Slurm delivers it up to 60 s early, so 20-80 s
     # after the start, while the ~90 s of steps are running. The job saves and requeues itself (maybe
