@@ -1,6 +1,5 @@
 """Typed config: composition, validation, clear errors (the CLI contract later issues rely on)."""
 
-from pathlib import Path
 
 import pytest
 import yaml

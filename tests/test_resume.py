@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import ROOT, vaepipe
+from tests.conftest import ROOT
 
 # 640 samples, batch 32, 2 workers: 20 steps per epoch, so 30 steps cross an epoch boundary.
 STEPS = 30
