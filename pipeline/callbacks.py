@@ -40,27 +40,41 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class ImageGrids(pl.Callback):
-    """Every N validation epochs: samples from fixed prior draws and reconstructions, as PNG."""
+    """Every N validation epochs (and at the end): samples from fixed prior draws, reconstructions,
+    latent traversals (or, for 2-D data, a scatter of data vs samples) as PNG in the run folder,
+    and to wandb under images/<kind> when that is the logger. Rank 0 only."""
 
     def __init__(self, out_dir: str | Path, every_n_epochs: int = 1):
         self.out_dir, self.every = Path(out_dir), every_n_epochs
-        self.latest: list[Path] = []
+        self.latest: dict[str, Path] = {}
+
+    def _write(self, trainer, module, tag: str) -> None:
+        was_training = module.training
+        module.eval()
+        self.latest = write_model_grids(module.vae, module.fixed_z, module.val_examples, self.out_dir, tag,
+                                        seed=module.cfg.run.seed)
+        module.train(was_training)
+        from pytorch_lightning.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and self.latest:
+                import wandb
+
+                # one history row per picture set, on the trainer/global_step axis
+                logger.log_metrics({f"images/{kind}": wandb.Image(str(path), caption=tag)
+                                    for kind, path in self.latest.items()}, step=trainer.global_step)
 
     def on_validation_epoch_end(self, trainer, module):
         if self.every <= 0 or trainer.sanity_checking or not trainer.is_global_zero:
             return
         if trainer.current_epoch % self.every and not trainer.should_stop:
             return
-        self.latest = write_model_grids(module.vae, module.fixed_z, module.val_examples, self.out_dir,
-                                        f"epoch{trainer.current_epoch:03d}")
+        self._write(trainer, module, f"epoch{trainer.current_epoch:03d}")
 
     def on_train_end(self, trainer, module):
-        """Grids of the final weights, also when max_steps stopped training between validations."""
+        """Pictures of the final weights, also when max_steps stopped training between validations."""
         if self.every > 0 and trainer.is_global_zero:
-            was_training = module.training
-            module.eval()
-            self.latest = write_model_grids(module.vae, module.fixed_z, module.val_examples, self.out_dir, "final")
-            module.train(was_training)
+            self._write(trainer, module, "final")
 
 
 class LastCheckpoint(pl.Callback):

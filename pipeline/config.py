@@ -6,6 +6,7 @@ the valid keys of its group (omegaconf's structured configs do the checking).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -87,10 +88,13 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    backend: str = "csv"  # csv | wandb | tensorboard | none
-    mode: str = "offline"  # wandb: online | offline | disabled
+    backend: str = "wandb"  # wandb | csv | tensorboard | none (docs/tracking.md)
+    mode: str = "auto"  # wandb: auto (online with an API key and a reachable server, else offline) | online | offline | disabled
     project: str = "vaepipe"
-    image_every_n_epochs: int = 1  # image grids in the run folder (0 = never)
+    entity: Optional[str] = None  # wandb team or user (default: the API key's)
+    group: Optional[str] = None  # wandb run group, e.g. one per experiment
+    tags: list[str] = field(default_factory=list)
+    image_every_n_epochs: int = 1  # image grids: PNG in the run folder and to the logger (0 = never)
 
 
 @dataclass
@@ -102,6 +106,7 @@ class RunConfig:
     monitor: str = "val/loss"
     every_n_train_steps: int = 0  # extra periodic checkpoints step-*.ckpt (0 = only at validation) ...
     keep_last: int = 2  # ... of which the newest keep_last are kept
+    test: bool = True  # after training, evaluate the test split (test/* metrics), when the data has one
     resume: str = "auto"  # auto (continue from the run folder's last.ckpt) | never | PATH to a checkpoint
 
 
@@ -165,7 +170,7 @@ CHOICES = {
     "optim.name": ("adam", "adamw", "sgd"),
     "optim.scheduler": ("none", "cosine", "exponential", "iwae"),
     "logger.backend": ("csv", "wandb", "tensorboard", "none"),
-    "logger.mode": ("online", "offline", "disabled"),
+    "logger.mode": ("auto", "online", "offline", "disabled"),
 }
 POSITIVE = ("model.k", "model.latent_dim", "data.batch_size", "data.eval_batch_size")
 
@@ -181,6 +186,18 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"bad value for '{key}': {OmegaConf.select(cfg, key)}; it must be >= 1")
     if cfg.model.beta < 0:
         raise ConfigError(f"bad value for 'model.beta': {cfg.model.beta}; it must be >= 0")
+
+
+def _separate_sweep_trial(cfg: DictConfig) -> None:
+    """Under a wandb sweep agent (WANDB_SWEEP_ID, WANDB_RUN_ID set) every trial gets its own run
+    folder, keyed by its run id: trials do not resume each other, and a preempted trial that the
+    sweep re-queues (same run id) finds its own checkpoints."""
+    run_id = os.environ.get("WANDB_RUN_ID")
+    if not (os.environ.get("WANDB_SWEEP_ID") and run_id) or str(cfg.run.name).endswith(run_id):
+        return
+    if not OmegaConf.is_interpolation(cfg.run, "dir"):
+        cfg.run.dir = str(Path(cfg.run.dir) / run_id)
+    cfg.run.name = f"{cfg.run.name}-{run_id}"
 
 
 def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> DictConfig:
@@ -202,6 +219,7 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Dict
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             raise _explain(err, schema, f"override '{item}'") from None
+    _separate_sweep_trial(cfg)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
@@ -21,6 +22,7 @@ from pipeline.data.datamodule import ShardDataModule
 from pipeline.errors import Preempted, TrainingDiverged
 from pipeline.launch.slurm import requeue_self, under_slurm_batch
 from pipeline.models.vae_module import VAEModule
+from pipeline.tracking import RunFacts, build_logger, finish_wandb, wandb_run_id
 
 GENERATED = ("sprites", "gmm")  # sources that need no input file
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after checkpointing; run the same command to resume
@@ -74,6 +76,13 @@ def newest_valid_checkpoint(ckpt_dir: Path) -> str | None:
     return best
 
 
+def checkpoint_run_id(ckpt_path: str | None) -> str | None:
+    if not ckpt_path:
+        return None
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    return ckpt.get("vaepipe", {}).get("wandb_run_id")
+
+
 def resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> str | None:
     """run.resume: auto (newest valid checkpoint of the run folder, if any), never, or a path."""
     mode = cfg.run.resume
@@ -96,12 +105,13 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
     return kwargs
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, images: ImageGrids, last: LastCheckpoint) -> pl.Trainer:
+def build_trainer(cfg: DictConfig, run_dir: Path, images: ImageGrids, last: LastCheckpoint,
+                  run_id: str | None = None) -> pl.Trainer:
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}-{step}", monitor=cfg.run.monitor, mode="min",
                         save_top_k=cfg.run.save_top_k, save_last=False, auto_insert_metric_name=False),
-        images, last, RankStates(),
+        images, last, RankStates(), RunFacts(cfg, run_id),
     ]
     if cfg.run.every_n_train_steps > 0:  # periodic, the newest `keep_last` kept
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:08d}", monitor="step", mode="max",
@@ -109,7 +119,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, images: ImageGrids, last: Last
                                          auto_insert_metric_name=False))
     if cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
-    logger = build_logger(cfg, run_dir)
+    logger = build_logger(cfg, run_dir, run_id)
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     plugins = [AtomicCheckpointIO()]
@@ -123,27 +133,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path, images: ImageGrids, last: Last
                       plugins=plugins, reload_dataloaders_every_n_epochs=1)
 
 
-def build_logger(cfg: DictConfig, run_dir: Path):
-    backend = cfg.logger.backend
-    if backend == "none":
-        return False
-    if backend == "csv":
-        from pytorch_lightning.loggers import CSVLogger
-
-        return CSVLogger(save_dir=str(run_dir), name="logs")  # logs/version_N: one per (re)start
-    if backend == "tensorboard":
-        from pytorch_lightning.loggers import TensorBoardLogger
-
-        return TensorBoardLogger(save_dir=str(run_dir), name="logs")
-    from pytorch_lightning.loggers import WandbLogger
-
-    return WandbLogger(project=cfg.logger.project, save_dir=str(run_dir), offline=cfg.logger.mode == "offline",
-                       mode=cfg.logger.mode, name=cfg.run.name, config=OmegaConf.to_container(cfg, resolve=True))
-
-
 def fit(cfg: DictConfig) -> dict:
     """Train as configured; returns the paths a user wants next (checkpoint, config, images)."""
     t0 = time.time()
+    # Noise on every run: a local run on a machine that also has Slurm's client tools, and a
+    # deprecation inside Lightning itself.
+    warnings.filterwarnings("ignore", message=".*The `srun` command is available on your system")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_primary_process():
@@ -154,13 +150,22 @@ def fit(cfg: DictConfig) -> dict:
     module = VAEModule(OmegaConf.to_container(cfg, resolve=True), list(datamodule.sample_shape))
     images = ImageGrids(run_dir / "images", cfg.logger.image_every_n_epochs)
     preemption = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt")
-    trainer = build_trainer(cfg, run_dir, images, preemption)
     ckpt_path = resume_checkpoint(cfg, run_dir / "checkpoints")
+    run_id = None
+    if cfg.logger.backend == "wandb":  # one wandb run per run folder, continued after every restart
+        run_id = wandb_run_id(run_dir, checkpoint_run_id(ckpt_path), write=is_primary_process())
+    trainer = build_trainer(cfg, run_dir, images, preemption, run_id)
     if ckpt_path and is_primary_process():
         print(f"resuming from {ckpt_path}")
+    metrics = {}
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if cfg.run.test and not module.diverged and "test" in datamodule.manifest["splits"]:
+            trainer.test(module, datamodule=datamodule, verbose=False)  # the final weights: test/* metrics
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     except Preempted:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         # The checkpoint is saved on every rank's behalf; under Slurm rank 0 puts the job back in the
         # queue (same job id: same run folder), otherwise report below and exit with EXIT_PREEMPTED.
         if cfg.slurm.requeue and trainer.is_global_zero and "SLURM_JOB_ID" in os.environ:
@@ -170,16 +175,22 @@ def fit(cfg: DictConfig) -> dict:
             torch.distributed.destroy_process_group()  # no stray 'terminate called' at exit
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if module.diverged:
+        finish_wandb(trainer, {"diverged": module.diverged}, preempted=False)
         raise TrainingDiverged(module.diverged)
     plan = datamodule.last_plan
     result = {
         "run_dir": str(run_dir), "config": str(run_dir / "config.yaml"), "checkpoint": str(ckpt),
         "best_checkpoint": trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else "",
-        "images": [str(p) for p in images.latest], "seconds": time.time() - t0,
+        "images": [str(p) for p in images.latest.values()], "seconds": time.time() - t0,
         "global_step": trainer.global_step, "preempted_at": preemption.stopped_at,
         "epoch_samples_dropped": plan.dropped if plan else 0, "epoch_samples_repeated": plan.repeated if plan else 0,
-        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        "metrics": metrics,
+        "wandb_run_id": run_id,
     }
+    if trainer.is_global_zero:
+        (run_dir / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
+    finish_wandb(trainer, {"checkpoint/last": str(ckpt.resolve()), "checkpoint/best": result["best_checkpoint"]},
+                 preempted=preemption.stopped_at is not None)
     if trainer.is_global_zero:
         print(f"\n{'stopped by signal' if preemption.stopped_at is not None else 'done'} at step "
               f"{trainer.global_step} in {result['seconds']:.0f} s")

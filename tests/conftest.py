@@ -24,8 +24,9 @@ def sprites_root(tmp_path_factory) -> Path:
 
 
 def vaepipe(*args, cwd=None, timeout=600, check=True, env=None) -> subprocess.CompletedProcess:
-    """Run the real console entry point (`python -m pipeline`) in a subprocess."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    """Run the real console entry point (`python -m pipeline`) in a subprocess; `env` adds to the
+    environment (a value of None removes that variable)."""
+    env = {k: v for k, v in {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}.items() if v is not None}
     proc = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

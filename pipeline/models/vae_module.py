@@ -38,7 +38,8 @@ class VAEModule(pl.LightningModule):
 
     def __init__(self, config: dict, sample_shape: list[int]):
         super().__init__()
-        self.save_hyperparameters()  # the resolved config travels in every checkpoint
+        # The resolved config travels in every checkpoint; loggers get it flattened (tracking.RunFacts).
+        self.save_hyperparameters(logger=False)
         self.cfg = OmegaConf.create(config)
         self.vae = build_vae(self.cfg.model, tuple(sample_shape))
         # Fixed prior draws: sample grids of successive epochs show the same z, so progress is visible.
@@ -81,6 +82,8 @@ class VAEModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x = batch["x"]
+        if self.val_examples is None:  # pictures before the first validation (or without one)
+            self.val_examples = x[:32 if x.dim() > 2 else 512].detach().clone()
         beta = self.beta()
         terms, _, _ = self.objective(x, beta, generator=self.generator("train", self.global_step))
         if self._fault_now("NAN"):
@@ -142,8 +145,8 @@ class VAEModule(pl.LightningModule):
             self.log(f"{stage}/iwae{k}", terms[f"iwae{k}"].mean(), on_epoch=True, batch_size=x.shape[0], sync_dist=True)
         self._log_terms(stage, terms, x.shape[0], on_step=False)
         self._val_mu.append(mu.detach())
-        if batch_idx == 0 and stage == "val":
-            self.val_examples = x[:32].detach()
+        if batch_idx == 0 and stage == "val":  # for the image grids: 32 pictures, or up to 512 points
+            self.val_examples = x[:32 if x.dim() > 2 else 512].detach()
 
     def validation_step(self, batch, batch_idx):
         self._eval_step("val", batch, batch_idx)
