@@ -35,6 +35,16 @@ def _sizes(text: str | None) -> dict | None:
         raise argparse.ArgumentTypeError(f"--sizes wants e.g. train=1000,val=100,test=100, got {text!r}") from None
 
 
+def _array_args(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--trials", type=int, required=True, help="number of trials (array tasks)")
+    q.add_argument("--parallel", type=int, help="at most this many trials at once (array %%P)")
+    _config_args(q)
+    q.add_argument("--partition")
+    q.add_argument("--time", help="walltime per trial, e.g. 04:00:00")
+    q.add_argument("--account")
+    q.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vaepipe", description="Train and evaluate VAE-family models.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,6 +72,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time", help="walltime, e.g. 04:00:00; the job requeues itself before it runs out")
     p.add_argument("--account")
     p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+
+    p = sub.add_parser("sweep", help="hyperparameter sweeps: wandb server + Slurm array, or local (docs/sweeps.md)")
+    sweep = p.add_subparsers(dest="sweep_command", required=True)
+    q = sweep.add_parser("create", help="register a sweep YAML with the wandb server; prints its id")
+    q.add_argument("file")
+    q.add_argument("--project", help="wandb project (default: logger.project, vaepipe)")
+    q.add_argument("--entity", help="wandb entity (default: your API key's)")
+    q = sweep.add_parser("submit", help="a Slurm job array of `wandb agent --count 1`, one trial per task")
+    q.add_argument("sweep_id", help="ENTITY/PROJECT/ID as `sweep create` printed it")
+    _array_args(q)
+    q = sweep.add_parser("local", help="run a grid/random sweep without a wandb server; results table")
+    q.add_argument("file")
+    q.add_argument("--trials", type=int, help="number of trials (grid: the first N points; random: default 10)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the random draws")
+    q.add_argument("--out", help="sweep folder (default runs/sweeps/<file stem>)")
+    q.add_argument("--slurm", action="store_true", help="submit the trials as a Slurm job array instead")
+    q.add_argument("--parallel", type=int, help="with --slurm: at most this many trials at once")
+    q.add_argument("-c", "--config", action="append", default=[], metavar="FILE",
+                   help="with --slurm: config with the slurm.* site settings and trainer devices/nodes")
+    q.add_argument("--dry-run", action="store_true", help="with --slurm: print the script, submit nothing")
+    q.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="added to every trial's command (e.g. trainer.max_epochs=3); slurm.* keys go to the job")
+    q = sweep.add_parser("results", help="the results table of a local sweep folder")
+    q.add_argument("dir")
+    q = sweep.add_parser("trial", help="(internal) one trial of a local sweep: what each Slurm array task runs")
+    q.add_argument("dir")
+    q.add_argument("index", type=int)
 
     p = sub.add_parser("config", help="print the resolved config")
     _config_args(p)
@@ -107,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
             print(job, end="")
         else:
             print(f"submitted job {job}: script {script}, log {Path(cfg.run.dir) / f'slurm-{job}.out'}")
+    elif args.command == "sweep":
+        return run_sweep(args)
     elif args.command == "config":
         print(to_yaml(load_config(args.config, args.overrides)), end="")
     elif args.command == "fit":
@@ -135,6 +174,85 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _array_range(trials: int, parallel: int | None) -> str:
+    if trials < 1:
+        raise ValueError(f"--trials must be >= 1, got {trials}")
+    return f"0-{trials - 1}" + (f"%{parallel}" if parallel else "")
+
+
+def _slurm_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(job settings, trial overrides): slurm.* sizes the job only; trainer.devices/num_nodes size
+    both the job and every trial; the rest goes to every trial."""
+    job = [o for o in overrides if o.startswith(("slurm.", "trainer.devices=", "trainer.num_nodes="))]
+    return job, [o for o in overrides if not o.startswith("slurm.")]
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    import shlex
+
+    from pipeline.launch import sweep as sw
+
+    cmd = args.sweep_command
+    if cmd == "create":
+        from pipeline.tracking import resolve_wandb_mode
+
+        spec = sw.load_sweep(args.file)
+        mode, why = resolve_wandb_mode("online")
+        if mode != "online":
+            raise ValueError(f"`sweep create` needs the wandb server: {why}. Without one, run the same file "
+                             f"with `vaepipe sweep local {args.file}`")
+        import wandb
+
+        project = args.project or load_config().logger.project
+        sweep_id = wandb.sweep(spec, project=project, entity=args.entity)
+        entity = args.entity or wandb.Api().default_entity
+        full = f"{entity}/{project}/{sweep_id}"
+        print(f"created sweep {full}\nnext: vaepipe sweep submit {full} --trials 20 --parallel 4 "
+              f"[-c site.yaml] [--partition P --time HH:MM:SS]")
+    elif cmd == "submit":
+        folder = sw.sweep_folder(args.sweep_id)
+        cfg = load_config(args.config, [*args.overrides, f"run.dir={folder}", "run.name=sweep"])
+        agent = f"{shlex.quote(sys.executable)} -m wandb agent --forward-signals --count 1 {shlex.quote(args.sweep_id)}"
+        script, job = sw.submit_array(cfg, template="sweep_array.sbatch", array=_array_range(args.trials, args.parallel),
+                                      name=args.sweep_id.split("/")[-1], extra={"trial_command": agent},
+                                      dry_run=args.dry_run, partition=args.partition, time=args.time,
+                                      account=args.account)
+        print(job if args.dry_run else f"submitted job array {job} ({args.trials} trials of sweep {args.sweep_id}): "
+              f"script {script}, logs {folder}/slurm-{job}_*.out", end="\n" if not args.dry_run else "")
+    elif cmd == "local":
+        out = Path(args.out or Path("runs") / "sweeps" / Path(args.file).stem)
+        job_settings, trial_overrides = _slurm_overrides(args.overrides)
+        if not args.slurm:
+            rows = sw.run_local(args.file, out, args.trials, args.seed, trial_overrides)
+            print(f"\n{sw.format_table(rows)}\n\nresults: {out / 'results.csv'}, {out / 'results.md'}")
+            return 0 if all(r["status"] == "done" for r in rows) else 1
+        plan = sw.plan_local(args.file, out, args.trials, args.seed, trial_overrides)
+        cfg = load_config(args.config, [*job_settings, f"run.dir={out}", "run.name=sweep"])
+        runner = f"{shlex.quote(sys.executable)} -m pipeline sweep trial {shlex.quote(str(out.resolve()))} $SLURM_ARRAY_TASK_ID"
+        script, job = sw.submit_array(cfg, template="sweep_array.sbatch", name=plan["sweep"], dry_run=args.dry_run,
+                                      array=_array_range(len(plan["trials"]), args.parallel),
+                                      extra={"trial_command": runner})
+        print(job if args.dry_run else f"submitted job array {job} ({len(plan['trials'])} trials): script {script}; "
+              f"when done: vaepipe sweep results {out}", end="\n" if not args.dry_run else "")
+    elif cmd == "results":
+        print(sw.format_table(sw.results(args.dir)))
+    elif cmd == "trial":
+        return sw.run_trial(args.dir, args.index, replace_process=True)
+    return 0
+
+
+def relaunch_under_srun() -> None:
+    """A multi-process sweep trial: the agent started `vaepipe fit` once; srun starts it once per
+    task (VAEPIPE_TRIAL_SRUN, set by slurm/sweep_array.sbatch), in place of this process."""
+    import os
+    import shlex
+
+    launcher = os.environ.pop("VAEPIPE_TRIAL_SRUN", "")
+    if launcher:
+        argv = [*shlex.split(launcher), sys.executable, "-m", "pipeline", *sys.argv[1:]]
+        os.execvp(argv[0], argv)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     # key=value overrides may stand anywhere, also after options (`submit --nodes 2 trainer.num_nodes=2`)
@@ -144,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     if extra:
         args.overrides = [*args.overrides, *extra]
     if args.command == "fit":
+        relaunch_under_srun()
         signals.install()  # before torch is even imported (see pipeline/signals.py)
     try:
         sys.exit(run(args))

@@ -144,13 +144,28 @@ def test_rendered_script_quotes_values(tmp_path):
     assert "#SBATCH --signal=SIGUSR1@120" in out and "#SBATCH --requeue" in out and "srun " in out
 
 
-def test_sweep_array_template_renders():
-    from pipeline.config import load_config
-    from pipeline.launch.slurm import TEMPLATES, render
-
-    cfg = load_config([], ["trainer.devices=2", "slurm.gpus_per_node=2"])
-    text = render(cfg, config_path="runs/x/config.yaml", template=TEMPLATES / "sweep_array.sbatch",
-                  extra={"array": "0-9%2", "sweep_id": "'ent/proj/abc123'"})
-    assert "#SBATCH --array=0-9%2" in text and "wandb agent --count 1 'ent/proj/abc123'" in text
-    assert "#SBATCH --gpus-per-node=2" in text and "#SBATCH --ntasks-per-node=2" in text
-    assert "${" not in text.replace("${SLURM", "")  # every placeholder filled
+def test_local_sweep_as_a_job_array_with_two_task_trials(cluster, sprites_root, tmp_path):
+    # Each array task runs one trial; with trainer.devices=2 the trial's `vaepipe fit` relaunches
+    # itself under srun (2 tasks, DDP), as a multi-GPU trial of a wandb sweep does.
+    spec = tmp_path / "beta.yaml"
+    spec.write_text("method: grid\nmetric: {name: val/loss, goal: minimize}\n"
+                    "parameters: {model.beta: {values: [1.0, 4.0]}}\n"
+                    "command: ['${env}', vaepipe, fit, '${args_no_hyphens}']\n")
+    out = tmp_path / "sweep"
+    args = [f"data.root={sprites_root}", "trainer.devices=2", "trainer.max_steps=8", "trainer.val_check_interval=4",
+            "run.test=false", *COMMON, *SMALL]
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "local", str(spec), "--out", str(out), "--slurm",
+                           *args], cwd=ROOT, text=True, capture_output=True, env=cluster.env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    job = re.search(r"submitted job array (\d+)", proc.stdout).group(1)
+    for task in (0, 1):
+        info = cluster.wait(f"{job}_{task}", timeout=300)
+        log = (out / f"slurm-{job}_{task}.out").read_text()
+        assert info["JobState"] == "COMPLETED", log[-3000:]
+    rows = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "results", str(out)], cwd=ROOT, text=True,
+                          capture_output=True, check=True).stdout
+    assert rows.count(" done") == 2, rows
+    for trial in ("trial-000", "trial-001"):
+        ckpt = final(out / trial)
+        assert ckpt["global_step"] == 8
+        assert [p["world_size"] for p in ckpt["ShardDataModule"]["stream_positions"]] == [2, 2]  # srun: 2 ranks

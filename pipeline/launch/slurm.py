@@ -95,7 +95,13 @@ def submit(cfg: DictConfig, *, dry_run: bool = False, **options) -> tuple[Path, 
         return run_dir / "job.sbatch", text
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path.write_text(to_yaml(cfg))
-    script = run_dir / "job.sbatch"
+    return submit_script(run_dir, "job.sbatch", text)
+
+
+def submit_script(folder: Path, name: str, text: str) -> tuple[Path, str]:
+    """Write the script into `folder` and sbatch it; (script path, job id)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / name
     script.write_text(text)
     try:
         out = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=True)
