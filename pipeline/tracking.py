@@ -108,9 +108,9 @@ def build_logger(cfg: DictConfig, run_dir: Path, run_id: str | None = None):
     mode, why = resolve_wandb_mode(cfg.logger.mode)
     project = os.environ.get("WANDB_PROJECT") if os.environ.get("WANDB_SWEEP_ID") else None  # the sweep's
     # WandbLogger(offline=True) would set WANDB_MODE for the whole process; mode= says the same per run.
-    logger = WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
-                       tags=list(cfg.logger.tags) or None, save_dir=str(run_dir), name=cfg.run.name,
-                       id=run_id, mode=mode, resume="allow", config=flatten(OmegaConf.to_container(cfg, resolve=True)))
+    logger = WandbLogger(project=project or cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
+                         tags=list(cfg.logger.tags) or None, save_dir=str(run_dir), name=cfg.run.name, id=run_id,
+                         mode=mode, resume="allow", config=flatten(OmegaConf.to_container(cfg, resolve=True)))
     logger._wandb_init.pop("anonymous", None)  # Lightning always passes it; wandb warns it is obsolete
     logger.vaepipe_offline_reason = why  # RunFacts says it once the run's folder is known
     return logger
