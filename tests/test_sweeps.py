@@ -127,3 +127,15 @@ def test_submit_renders_an_array_of_agents(tmp_path):
     assert "exec " in text and "-m wandb agent --forward-signals --count 1 me/vaepipe/abc123" in text
     assert 'export VAEPIPE_TRIAL_SRUN="srun --kill-on-bad-exit=1"' in text  # 2 tasks: fit runs under srun
     assert "slurm-%A_%a.out" in text and "${" not in text.replace("${SLURM", "")
+
+
+def test_each_agent_trial_gets_its_own_run_folder(monkeypatch):
+    from pipeline.config import load_config
+
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sw1")
+    monkeypatch.setenv("WANDB_RUN_ID", "abc123")
+    cfg = load_config([ROOT / "configs/iwae_mnist.yaml"], ["model.k=50"])
+    assert cfg.run.name == "iwae_mnist_k50-abc123" and cfg.run.dir == "runs/iwae_mnist_k50-abc123"
+    assert load_config([], ["run.dir=/scratch/x"]).run.dir == "/scratch/x/abc123"  # explicit folders too
+    monkeypatch.delenv("WANDB_SWEEP_ID")
+    assert load_config([], []).run.dir == "runs/vae_sprites"  # outside a sweep: unchanged
