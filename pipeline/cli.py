@@ -100,6 +100,30 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("dir")
     q.add_argument("index", type=int)
 
+    p = sub.add_parser("diagnose", help="gradient-estimator variance; amortisation gap (docs/estimators.md)")
+    diag = p.add_subparsers(dest="diagnose_command", required=True)
+    q = diag.add_parser("gradients", help="per-parameter gradient variance of each estimator on one batch")
+    q.add_argument("ckpt", help="checkpoint file or run folder")
+    q.add_argument("--samples", type=int, default=50, help="gradient draws per estimator")
+    q.add_argument("--batch-size", type=int, default=100)
+    q.add_argument("--split", default="train", choices=("train", "val", "test"))
+    q.add_argument("--objective", choices=("elbo", "iwae"), help="default: the model's")
+    q.add_argument("--k", type=int, help="samples per example (default: the model's model.k)")
+    q.add_argument("--data-root")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--json", action="store_true", help="one JSON object, per parameter tensor")
+    q = diag.add_parser("amortization", help="approximation and amortisation gaps (Concept 11.10), in nats")
+    q.add_argument("ckpt", help="checkpoint file or run folder")
+    q.add_argument("--limit", type=int, default=1000, help="first N examples of the split")
+    q.add_argument("--split", default="test", choices=("train", "val", "test"))
+    q.add_argument("--steps", type=int, default=200, help="Adam steps per example for q_i")
+    q.add_argument("--lr", type=float, default=1e-2)
+    q.add_argument("--k", type=int, default=1000, help="importance samples for log p(x)")
+    q.add_argument("--batch-size", type=int, default=100)
+    q.add_argument("--data-root")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--json", action="store_true")
+
     p = sub.add_parser("config", help="print the resolved config")
     _config_args(p)
 
@@ -144,6 +168,18 @@ def run(args: argparse.Namespace) -> int:
             print(job, end="")
         else:
             print(f"submitted job {job}: script {script}, log {Path(cfg.run.dir) / f'slurm-{job}.out'}")
+    elif args.command == "diagnose":
+        from pipeline import diagnose
+
+        if args.diagnose_command == "gradients":
+            r = diagnose.gradient_variance(args.ckpt, samples=args.samples, batch_size=args.batch_size, split=args.split,
+                                           objective=args.objective, k=args.k, data_root=args.data_root, seed=args.seed)
+            print(json.dumps(r) if args.json else diagnose.format_gradient_report(r))
+        else:
+            r = diagnose.amortization_gap(args.ckpt, limit=args.limit, split=args.split, steps=args.steps, lr=args.lr,
+                                          k=args.k, batch_size=args.batch_size, data_root=args.data_root,
+                                          seed=args.seed, progress=not args.json)
+            print(json.dumps(r) if args.json else diagnose.format_amortization_report(r))
     elif args.command == "sweep":
         return run_sweep(args)
     elif args.command == "config":

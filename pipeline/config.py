@@ -21,7 +21,7 @@ class ModelConfig:
     k: int = 1  # latent samples per example (ELBO: mean of K ELBOs; IWAE: L_K)
     beta: float = 1.0  # KL weight (beta-VAE, Concept 11.25); 1 is the VAE
     beta_warmup_steps: int = 0  # linear warm-up of beta from 0 over this many steps
-    estimator: str = "reparam"  # reparam | score (log-derivative with baseline, Concept 11.22)
+    estimator: str = "reparam"  # encoder gradient: reparam | score (Concept 11.22) | stl | dreg (docs/estimators.md)
     likelihood: str = "bernoulli"  # bernoulli (logits) | gaussian (N(f(z), sigma^2 I))
     sigma: float = 1.0  # Gaussian decoder std: fixed value, or initial value when learn_sigma
     learn_sigma: bool = False
@@ -161,7 +161,7 @@ def _explain(err: OmegaConfBaseException, schema: DictConfig, origin: str) -> Co
 
 CHOICES = {
     "model.objective": ("elbo", "iwae"),
-    "model.estimator": ("reparam", "score"),
+    "model.estimator": ("reparam", "score", "stl", "dreg"),
     "model.likelihood": ("bernoulli", "gaussian"),
     "model.arch": ("mlp", "conv"),
     "data.binarize": ("none", "dynamic", "threshold"),

@@ -146,49 +146,73 @@ def linear_warmup(step: int, warmup_steps: int, final: float) -> float:
     return final * min(1.0, step / warmup_steps)
 
 
+ESTIMATORS = ("reparam", "score", "stl", "dreg")
+
+
 def vae_objective(
     mu: torch.Tensor, logvar: torch.Tensor, log_px_given_z: "LogLikelihood", *, objective: str = "elbo",
     k: int = 1, beta: float = 1.0, estimator: str = "reparam", generator: torch.Generator | None = None,
+    score_baseline: bool = True,
 ) -> dict[str, torch.Tensor]:
     """The training objective of the VAE family for one batch, and the terms worth logging.
 
     objective: "elbo" (mean of K ELBOs, beta-weighted KL) or "iwae" (L_K; beta weighs log p(z) - log q).
-    estimator: "reparam" (Concepts 11.18, 11.21) or "score" (log-derivative, Concept 11.22, with a
-    baseline: leave-one-out over the K samples for the ELBO with K >= 2, else the objective at z = mu,
-    which depends on x but not on the sample, so the estimator stays unbiased).
+    estimator, i.e. how the encoder's gradient is estimated (the decoder's is the same for all):
+      "reparam": through the sample z = mu + sigma eps (Concepts 11.18, 11.21); analytic KL for the ELBO.
+      "score": log-derivative (Concept 11.22), with a baseline unless score_baseline=False:
+        leave-one-out over the K samples for the ELBO with K >= 2, else the objective at z = mu
+        (depends on x, not on the sample: the estimator stays unbiased).
+      "stl": sticking the landing (Roeder et al. 2017): reparameterised, with q's parameters held
+        constant inside log q(z|x), which drops the score term E_q[grad log q] = 0 (zero-mean noise).
+        Unbiased for the ELBO; for the IWAE bound with K > 1 it is biased (Tucker et al. 2018).
+      "dreg": doubly reparameterised (Tucker et al. 2018): for the IWAE bound the encoder gets
+        sum_k w~_k^2 d log w_k / dz_k dz_k/dphi (q's parameters held in log q), unbiased for grad L_K
+        and of lower variance; the decoder gets the usual sum_k w~_k grad log w_k. With the ELBO
+        objective each sample has weight 1 and DReG is STL.
     Returns per-example [B] tensors `recon` (mean_k log p(x|z_k)), `kl`, `elbo` (beta = 1),
     `iwae` (objective "iwae" only) and the scalar `loss` to minimise (mean over the batch)."""
     if objective not in ("elbo", "iwae"):
         raise ValueError(f"model.objective must be 'elbo' or 'iwae', got {objective!r}")
-    if estimator not in ("reparam", "score"):
-        raise ValueError(f"model.estimator must be 'reparam' or 'score', got {estimator!r}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"model.estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
     mu, logvar = mu.float(), bound_logvar(logvar.float())
     score = estimator == "score"
+    path = estimator in ("stl", "dreg")  # path-derivative estimators: q's parameters held in log q
     # The score-function estimator must not differentiate through the sample itself.
     z = reparameterize(mu.detach(), logvar.detach(), k, generator) if score else reparameterize(mu, logvar, k, generator)
     log_px_z = log_px_given_z(z).float()  # [K, B]
     kl = kl_standard_normal(mu, logvar)
     out = {"recon": log_px_z.mean(0), "kl": kl}
     out["elbo"] = out["recon"] - kl
+    log_q = log_normal_diag(z, mu.detach(), logvar.detach()) if path else log_normal_diag(z, mu, logvar)
     if objective == "elbo":
         if score:
-            if k >= 2:  # leave-one-out mean of the other samples' signal
+            if not score_baseline:
+                baseline = 0.0
+            elif k >= 2:  # leave-one-out mean of the other samples' signal
                 baseline = (log_px_z.sum(0, keepdim=True) - log_px_z) / (k - 1)
             else:
                 baseline = log_px_given_z(mu.unsqueeze(0)).float()
-            recon = score_function_surrogate(log_px_z, log_normal_diag(z, mu, logvar), baseline).mean(0)
+            objective_value = score_function_surrogate(log_px_z, log_q, baseline).mean(0) - beta * kl
+        elif path:  # Monte Carlo KL through z only: same value in expectation as the closed form
+            objective_value = (log_px_z + beta * (log_standard_normal(z) - log_q)).mean(0)
         else:
-            recon = out["recon"]
-        objective_value = recon - beta * kl
+            objective_value = out["recon"] - beta * kl
     else:
-        log_prior_ratio = log_standard_normal(z) - log_normal_diag(z, mu, logvar)
-        bound = iwae_bound(log_px_z + beta * log_prior_ratio)
-        # The logged bound is the true L_K (beta = 1) whatever beta the training objective uses.
-        out["iwae"] = bound if beta == 1.0 else iwae_bound(log_px_z + log_prior_ratio)
+        log_w = log_px_z + beta * (log_standard_normal(z) - log_q)
+        bound = iwae_bound(log_w)
+        # The logged bound is the true L_K (beta = 1) whatever beta or estimator the objective uses.
+        out["iwae"] = (bound if beta == 1.0 else iwae_bound(log_px_z + log_standard_normal(z) - log_q)).detach()
         if score:
             z0 = mu.unsqueeze(0)
             baseline = (log_px_given_z(z0).float() + beta * (log_standard_normal(z0) - log_normal_diag(z0, mu, logvar))).squeeze(0)
-            bound = score_function_surrogate(bound, log_normal_diag(z, mu, logvar).sum(0), baseline)
+            bound = score_function_surrogate(bound, log_q.sum(0), baseline if score_baseline else 0.0)
+        elif estimator == "dreg" and z.requires_grad:
+            weights = torch.softmax(log_w.detach(), dim=0)  # w~_k, [K, B]
+            # The gradient reaching z_k is scaled by w~_k once more: w~_k^2 for the encoder, while the
+            # decoder (not behind z) keeps w~_k. The surrogate's value is not the bound: use out["iwae"].
+            z.register_hook(lambda g: g * weights.unsqueeze(-1))
+            bound = (weights * log_w).sum(0) - (weights * log_w).sum(0).detach() + bound.detach()
         objective_value = bound
     out["loss"] = -objective_value.mean()
     return out

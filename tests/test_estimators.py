@@ -61,3 +61,37 @@ def test_baseline_reduces_score_function_variance():
     ratio = (grads["none"].var(0) / grads["mean_z"].var(0)).mean().item()
     print(f"\nscore-function variance without / with baseline: {ratio:.1f}x")
     assert ratio > 2.0
+
+
+@pytest.mark.parametrize("estimator,objective,k", [("stl", "elbo", 1), ("stl", "elbo", 4), ("dreg", "iwae", 4),
+                                                   ("dreg", "iwae", 16)])
+def test_path_derivative_estimators_are_unbiased_where_theory_says(estimator, objective, k):
+    # STL is unbiased for the ELBO (the dropped score term has mean zero); DReG for the IWAE bound L_K
+    # at every K (Tucker et al. 2018, eq. 7). Same test as above: difference of means in standard errors.
+    rep = gradient_samples("reparam", objective, k, seed=1)
+    new = gradient_samples(estimator, objective, k, seed=2)
+    se = (rep.var(0) / R + new.var(0) / R).sqrt()
+    z = (rep.mean(0) - new.mean(0)) / se
+    assert torch.all(z.abs() < 4.5), (rep.mean(0), new.mean(0), se)
+    ratio = (new.var(0) / rep.var(0)).mean().item()
+    print(f"\n{estimator} {objective} K={k}: encoder gradient variance {estimator}/reparam = {ratio:.2f}")
+    if estimator == "dreg":
+        assert ratio < 1.0  # the reason to use it: lower variance than the standard IWAE gradient
+
+
+def test_dreg_keeps_the_decoder_gradient_and_the_bound_value():
+    # DReG changes only the encoder's gradient: decoder gradients and the loss value are the standard ones.
+    g = torch.Generator().manual_seed(7)
+    x = (torch.rand(6, 8, generator=g) < 0.5).float()
+    w = torch.randn(2, 8, generator=g, requires_grad=True)
+    mu, logvar = torch.randn(6, 2, generator=g), torch.randn(6, 2, generator=g) * 0.3
+    results = {}
+    for est in ("reparam", "dreg"):
+        w.grad = None
+        out = vm.vae_objective(mu, logvar, lambda z: vm.bernoulli_log_likelihood(x, z @ w, 1), objective="iwae", k=5,
+                               estimator=est, generator=torch.Generator().manual_seed(1))
+        out["loss"].backward()
+        results[est] = (out["loss"].item(), w.grad.clone(), out["iwae"])
+    assert results["dreg"][0] == pytest.approx(results["reparam"][0], rel=1e-6)
+    torch.testing.assert_close(results["dreg"][1], results["reparam"][1])
+    torch.testing.assert_close(results["dreg"][2], results["reparam"][2])
