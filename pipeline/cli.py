@@ -202,6 +202,9 @@ def run(args: argparse.Namespace) -> int:
             for key, value in r.items():
                 if key.startswith(("elbo", "iwae", "nll")):
                     print(f"  {key:20s} {value:10.3f}")
+            if "mig" in r:
+                print(f"disentanglement (ground-truth factors): MIG {r['mig']:.3f}, beta-VAE metric "
+                      f"{r['beta_vae_score']:.3f} (chance: 1 / number of factors)")
     elif args.command == "sample":
         from pipeline.evaluate import sample
 

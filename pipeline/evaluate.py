@@ -52,9 +52,13 @@ def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | 
     k_train = int(cfg.model.k)
     sums = {"elbo": 0.0, "log_px": 0.0, "log_px_sq": 0.0, f"iwae{k_train}": 0.0}
     n, t0 = 0, time.time()
+    codes, factors = [], []  # encoder means and ground-truth factors, for the disentanglement metrics
     for batch in tqdm(loader, desc=f"eval {split} K={k}", disable=not progress, file=sys.stderr):
         x = batch["x"].to(device, non_blocking=True)
         mu, logvar = vae.encode(x)
+        if "factors" in batch:
+            codes.append(mu.float().cpu())
+            factors.append(batch["factors"])
         log_w_sum = torch.zeros(x.shape[0], device=device)
 
         def log_w(m):
@@ -76,7 +80,14 @@ def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | 
         raise ValueError(f"split '{split}' of {data_root or cfg.data.root} has no examples")
     mean_log_px = sums["log_px"] / n
     std = math.sqrt(max(sums["log_px_sq"] / n - mean_log_px**2, 0.0))
+    extra = {}
+    if factors:  # data with ground-truth factors (sprites): Concept 11.25's metrics
+        from pipeline.disentanglement import beta_vae_score, mig
+
+        z, v = torch.cat(codes).numpy(), torch.cat(factors).numpy()
+        extra = {"mig": mig(z, v), "beta_vae_score": beta_vae_score(z, v, seed=seed)}
     return {
+        **extra,
         "checkpoint": str(ckpt), "split": split, "examples": n, "k": k,
         "elbo": sums["elbo"] / n, f"iwae_bound_k{k_train}": sums[f"iwae{k_train}"] / n,
         f"iwae_bound_k{k}": mean_log_px, "nll": -mean_log_px, "nll_stderr": std / math.sqrt(n),
