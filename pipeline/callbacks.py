@@ -17,7 +17,6 @@ from pipeline import signals
 from pipeline.errors import Preempted
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from pipeline.images import write_model_grids
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -51,8 +50,7 @@ class ImageGrids(pl.Callback):
     def _write(self, trainer, module, tag: str) -> None:
         was_training = module.training
         module.eval()
-        self.latest = write_model_grids(module.vae, module.fixed_z, module.val_examples, self.out_dir, tag,
-                                        seed=module.cfg.run.seed)
+        self.latest = module.write_images(self.out_dir, tag)
         module.train(was_training)
         from pytorch_lightning.loggers import WandbLogger
 

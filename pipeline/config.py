@@ -17,6 +17,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 @dataclass
 class ModelConfig:
+    family: str = "vae"  # vae (VAE, IWAE, beta-VAE) | vqvae (Concept 11.23; keys codebook_size ... vq_channels)
     objective: str = "elbo"  # elbo | iwae
     k: int = 1  # latent samples per example (ELBO: mean of K ELBOs; IWAE: L_K)
     beta: float = 1.0  # KL weight (beta-VAE, Concept 11.25); 1 is the VAE
@@ -32,6 +33,13 @@ class ModelConfig:
     conv_channels: list[int] = field(default_factory=lambda: [32, 32, 64, 64])
     conv_hidden: int = 256
     eval_k: int = 10  # K of the IWAE bound computed on validation (0 = skip)
+    codebook_size: int = 512  # VQ-VAE: K codes ...
+    code_dim: int = 64  # ... of dimension D
+    commitment: float = 0.25  # beta_c, weight of ||z_e - sg(e)||^2
+    ema: bool = False  # codebook by exponential moving averages (all-reduced under DDP) instead of its loss
+    ema_decay: float = 0.99
+    dead_code_threshold: float = 0.0  # EMA: restart codes assigned fewer than this many vectors per step (EMA; 0 = never)
+    vq_channels: int = 64  # VQ-VAE conv width
 
 
 @dataclass
@@ -160,6 +168,7 @@ def _explain(err: OmegaConfBaseException, schema: DictConfig, origin: str) -> Co
 
 
 CHOICES = {
+    "model.family": ("vae", "vqvae"),
     "model.objective": ("elbo", "iwae"),
     "model.estimator": ("reparam", "score", "stl", "dreg"),
     "model.likelihood": ("bernoulli", "gaussian"),
@@ -172,7 +181,8 @@ CHOICES = {
     "logger.backend": ("csv", "wandb", "tensorboard", "none"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
 }
-POSITIVE = ("model.k", "model.latent_dim", "data.batch_size", "data.eval_batch_size")
+POSITIVE = ("model.k", "model.latent_dim", "data.batch_size", "data.eval_batch_size", "model.codebook_size",
+            "model.code_dim")
 
 
 def validate(cfg: DictConfig) -> None:

@@ -38,6 +38,8 @@ def gradient_variance(ckpt, samples: int = 50, batch_size: int = 100, split: str
     (averaged over its elements) and the norm of their mean; encoder/decoder totals."""
     module = load_module(ckpt)
     cfg, vae = module.cfg, module.vae
+    if cfg.model.family != "vae":
+        raise ValueError(f"{ckpt}: gradient estimators apply to the VAE family, not model.family={cfg.model.family}")
     objective, k = objective or cfg.model.objective, k or int(cfg.model.k)
     x = _first_batch(cfg, split, batch_size, data_root, seed)
     params = [(n, p) for n, p in vae.named_parameters() if p.requires_grad]
@@ -98,6 +100,8 @@ def amortization_gap(ckpt, limit: int = 1000, split: str = "test", steps: int = 
     step), and log p(x) by importance sampling with K draws from the better of the two proposals."""
     module = load_module(ckpt)
     cfg, vae = module.cfg, module.vae
+    if cfg.model.family != "vae":
+        raise ValueError(f"{ckpt}: the amortisation gap needs an amortised Gaussian encoder (model.family=vae)")
     vae.requires_grad_(False)  # only the local variational parameters move
     loader = make_loader(data_root or cfg.data.root, split, batch_size, binarize=cfg.data.binarize, limit=limit,
                          seed=seed)

@@ -16,10 +16,9 @@ from tqdm import tqdm
 from pipeline import vae_math
 from pipeline.data.stream import make_loader
 from pipeline.images import is_image_shape, save_grid, side_by_side
-from pipeline.models.vae_module import VAEModule
 
 
-def load_module(ckpt: str | Path) -> VAEModule:
+def load_module(ckpt: str | Path):
     """The trained module from a checkpoint, on CPU, in eval mode; clear errors for bad paths/files."""
     ckpt = Path(ckpt)
     if ckpt.is_dir():  # a run folder: take its last checkpoint
@@ -27,7 +26,11 @@ def load_module(ckpt: str | Path) -> VAEModule:
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
     try:
-        module = VAEModule.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=False)
+        from pipeline.train import module_class
+
+        config = torch.load(str(ckpt), map_location="cpu", weights_only=False, mmap=True)["hyper_parameters"]["config"]
+        cls = module_class(config["model"].get("family", "vae"))
+        module = cls.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError) as err:
         raise ValueError(f"{ckpt} is not a readable vaepipe checkpoint (truncated or foreign?): {err}") from None
     return module.eval()
@@ -45,6 +48,8 @@ def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     module = load_module(ckpt).to(device)
     cfg, vae = module.cfg, module.vae
+    if cfg.model.family == "vqvae":
+        return evaluate_vq(module, ckpt, split, limit, batch_size, data_root, seed, progress, device)
     torch.manual_seed(seed)
     gen = torch.Generator(device=device).manual_seed(seed)
     loader = make_loader(data_root or cfg.data.root, split, batch_size, binarize=cfg.data.binarize, limit=limit,
@@ -96,6 +101,32 @@ def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | 
 
 
 @torch.no_grad()
+def evaluate_vq(module, ckpt, split, limit, batch_size, data_root, seed, progress, device) -> dict:
+    """VQ-VAE: reconstruction NLL -log p(x|z_q), and with a uniform prior over the codes (what this
+    model has without a learned prior) the ELBO log p(x|z_q) - h*w*log K (q is deterministic,
+    so the KL to the uniform prior is log K per latent position); code usage."""
+    cfg, vq = module.cfg, module.vae
+    loader = make_loader(data_root or cfg.data.root, split, batch_size, binarize=cfg.data.binarize, limit=limit,
+                         seed=seed)
+    torch.manual_seed(seed)
+    recon, n, t0 = 0.0, 0, time.time()
+    counts = torch.zeros(cfg.model.codebook_size, device=device)
+    for batch in tqdm(loader, desc=f"eval {split}", disable=not progress, file=sys.stderr):
+        x = batch["x"].to(device)
+        _, z_q, codes = vq.quantizer(vq.encode(x))
+        recon += float(vq.log_px_given_zq(x, z_q).sum())
+        counts += torch.bincount(codes.flatten(), minlength=cfg.model.codebook_size).float()
+        n += x.shape[0]
+    if n == 0:
+        raise ValueError(f"split '{split}' of {data_root or cfg.data.root} has no examples")
+    h, w = vq.grid
+    kl = h * w * math.log(cfg.model.codebook_size)
+    return {"checkpoint": str(ckpt), "split": split, "examples": n, "k": 0, "nll_recon": -recon / n,
+            "elbo_uniform_prior": recon / n - kl, "perplexity": float(vae_math.codebook_perplexity(counts)),
+            "dead_codes": int((counts == 0).sum()), "seconds": time.time() - t0, "device": str(device)}
+
+
+@torch.no_grad()
 def sample(ckpt: str | Path, out: str | Path, n: int = 64, seed: int = 0, split: str = "test",
            data_root: str | None = None) -> list[Path]:
     """`out`: n prior samples (decoder means); `<stem>_recon<suffix>`: inputs beside reconstructions.
@@ -103,6 +134,12 @@ def sample(ckpt: str | Path, out: str | Path, n: int = 64, seed: int = 0, split:
     module = load_module(ckpt)
     vae, cfg = module.vae, module.cfg
     out = Path(out)
+    if cfg.model.family == "vqvae":  # uniform code grids and reconstructions, as in training
+        x = next(iter(make_loader(data_root or cfg.data.root, split, min(n, 32), binarize=cfg.data.binarize)))["x"]
+        module.val_examples = x
+        module.fixed_z = torch.randint(0, cfg.model.codebook_size, (n, *vae.grid),
+                                       generator=torch.Generator().manual_seed(seed))
+        return list(module.write_images(out.parent, out.stem).values())
     z = torch.randn(n, vae.latent_dim, generator=torch.Generator().manual_seed(seed))
     samples = vae.mean(z)
     if not is_image_shape(vae.input_shape):

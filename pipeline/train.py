@@ -28,6 +28,14 @@ GENERATED = ("sprites", "gmm")  # sources that need no input file
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after checkpointing; run the same command to resume
 
 
+def module_class(family: str):
+    if family == "vqvae":
+        from pipeline.models.vqvae_module import VQVAEModule
+
+        return VQVAEModule
+    return VAEModule
+
+
 def is_primary_process() -> bool:
     """True in the process that may write shared files before the process group exists: rank 0 of
     node 0 (Lightning's launcher, torchrun and srun all say so in the environment)."""
@@ -147,7 +155,7 @@ def fit(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     ensure_prepared(cfg.data, cfg.run.seed)
     datamodule = ShardDataModule(cfg.data, seed=cfg.run.seed)
-    module = VAEModule(OmegaConf.to_container(cfg, resolve=True), list(datamodule.sample_shape))
+    module = module_class(cfg.model.family)(OmegaConf.to_container(cfg, resolve=True), list(datamodule.sample_shape))
     images = ImageGrids(run_dir / "images", cfg.logger.image_every_n_epochs)
     preemption = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt")
     ckpt_path = resume_checkpoint(cfg, run_dir / "checkpoints")

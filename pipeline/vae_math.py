@@ -277,3 +277,51 @@ def active_units(mu: torch.Tensor, threshold: float = 1e-2) -> int:
 
     mu: [N, d] encoder means over a data set (Burda et al. 2016, section 5.2)."""
     return int((mu.float().var(0) > threshold).sum())
+
+
+# --- vector quantisation (VQ-VAE, Concept 11.23) ---------------------------------------------------
+
+
+@float32
+def nearest_code(z_e: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest codebook vector (Euclidean) for each row of z_e [N, D]; codebook [K, D].
+
+    ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2, one matrix product instead of an [N, K, D] difference."""
+    d = z_e.pow(2).sum(1, keepdim=True) - 2 * z_e @ codebook.t() + codebook.pow(2).sum(1)[None]
+    return d.argmin(1)
+
+
+def straight_through(z_e: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+    """Value z_q, gradient passed to z_e unchanged (van den Oord et al. 2017): z_e + sg(z_q - z_e)."""
+    return z_e + (z_q - z_e).detach()
+
+
+@float32
+def vq_losses(z_e: torch.Tensor, z_q: torch.Tensor, event_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codebook loss ||sg(z_e) - e||^2, commitment loss ||z_e - sg(e)||^2), per example [B], summed
+    over latent positions and dimensions; the commitment weight beta_c multiplies the second."""
+    codebook = sum_event((z_e.detach() - z_q).pow(2), event_dims)
+    commitment = sum_event((z_e - z_q.detach()).pow(2), event_dims)
+    return codebook, commitment
+
+
+@torch.no_grad()
+def ema_codebook_update(cluster_size: torch.Tensor, embed_sum: torch.Tensor, counts: torch.Tensor,
+                        sums: torch.Tensor, decay: float, eps: float = 1e-5) -> tuple[torch.Tensor, ...]:
+    """EMA codebook (van den Oord et al. 2017, appendix A.1), in place on the running statistics:
+    N_k <- g N_k + (1 - g) n_k,  m_k <- g m_k + (1 - g) sum_{i: code i = k} z_e,i,  e_k = m_k / N~_k
+    with Laplace-smoothed N~_k = (N_k + eps) / (sum N + K eps) * sum N (no division by zero for an
+    unused code). counts [K] and sums [K, D] are this step's statistics, over all ranks.
+    Returns (cluster_size, embed_sum, new codebook)."""
+    cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
+    embed_sum.mul_(decay).add_(sums, alpha=1 - decay)
+    total = cluster_size.sum()
+    smoothed = (cluster_size + eps) / (total + cluster_size.numel() * eps) * total
+    return cluster_size, embed_sum, embed_sum / smoothed[:, None]
+
+
+@float32
+def codebook_perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of the code-usage distribution: K when all codes are used equally, 1 for one code."""
+    p = counts / counts.sum().clamp_min(1)
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())

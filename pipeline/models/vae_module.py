@@ -41,16 +41,33 @@ class VAEModule(pl.LightningModule):
         # The resolved config travels in every checkpoint; loggers get it flattened (tracking.RunFacts).
         self.save_hyperparameters(logger=False)
         self.cfg = OmegaConf.create(config)
-        self.vae = build_vae(self.cfg.model, tuple(sample_shape))
+        self.vae = self.build_network(tuple(sample_shape))
         # Fixed prior draws: sample grids of successive epochs show the same z, so progress is visible.
         gen = torch.Generator().manual_seed(self.cfg.run.seed)
-        self.register_buffer("fixed_z", torch.randn(64, self.cfg.model.latent_dim, generator=gen), persistent=False)
+        self.register_buffer("fixed_z", self.fixed_prior_draws(gen), persistent=False)
         self._val_mu: list[torch.Tensor] = []
         self.nonfinite_total = 0  # steps skipped for a non-finite loss or gradient
         self.nonfinite_in_a_row = 0
         self.diverged: str | None = None
         self._fault = _nonfinite_fault()
         self.val_examples: torch.Tensor | None = None  # first validation inputs, for reconstruction grids
+
+    # --- the model: what a subclass (VQVAEModule) replaces -----------------------------------------
+
+    def build_network(self, sample_shape: tuple[int, ...]):
+        return build_vae(self.cfg.model, sample_shape)
+
+    def fixed_prior_draws(self, gen: torch.Generator) -> torch.Tensor:
+        return torch.randn(64, self.cfg.model.latent_dim, generator=gen)
+
+    def training_terms(self, x: torch.Tensor, beta: float, generator: torch.Generator) -> dict:
+        """The loss (scalar) and the per-example or scalar terms logged as train/<name>."""
+        return self.objective(x, beta, generator=generator)[0]
+
+    def write_images(self, out_dir, tag: str) -> dict:
+        from pipeline.images import write_model_grids
+
+        return write_model_grids(self.vae, self.fixed_z, self.val_examples, out_dir, tag, seed=self.cfg.run.seed)
 
     # --- objective --------------------------------------------------------------------------------
 
@@ -73,7 +90,7 @@ class VAEModule(pl.LightningModule):
         return terms, mu, logvar
 
     def _log_terms(self, stage: str, terms: dict, batch_size: int, on_step: bool) -> None:
-        metrics = {f"{stage}/{name}": terms[name].mean() for name in ("elbo", "recon", "kl", "iwae") if name in terms}
+        metrics = {f"{stage}/{name}": value.mean() for name, value in terms.items() if name != "loss"}
         metrics[f"{stage}/loss"] = terms["loss"]
         self.log_dict(metrics, on_step=on_step, on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step,
                       prog_bar=False)
@@ -85,7 +102,7 @@ class VAEModule(pl.LightningModule):
         if self.val_examples is None:  # pictures before the first validation (or without one)
             self.val_examples = x[:32 if x.dim() > 2 else 512].detach().clone()
         beta = self.beta()
-        terms, _, _ = self.objective(x, beta, generator=self.generator("train", self.global_step))
+        terms = self.training_terms(x, beta, self.generator("train", self.global_step))
         if self._fault_now("NAN"):
             terms["loss"] = terms["loss"] * float("nan")
         finite = torch.isfinite(terms["loss"].detach()).float()
@@ -142,7 +159,6 @@ class VAEModule(pl.LightningModule):
             k = self.cfg.model.eval_k
             terms[f"iwae{k}"] = vae_math.importance_sampled_log_px(
                 mu, logvar, lambda z: self.vae.log_px_given_z(x, z), k=k, chunk=k, generator=gen)
-            self.log(f"{stage}/iwae{k}", terms[f"iwae{k}"].mean(), on_epoch=True, batch_size=x.shape[0], sync_dist=True)
         self._log_terms(stage, terms, x.shape[0], on_step=False)
         self._val_mu.append(mu.detach())
         if batch_idx == 0 and stage == "val":  # for the image grids: 32 pictures, or up to 512 points
