@@ -164,3 +164,44 @@ class RankStates(pl.Callback):
             random.setstate(s["python"])
             if s["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(s["cuda"])
+
+
+class Throughput(pl.Callback):
+    """Steady-state training throughput: samples per second over all ranks, from the end of step
+    `warmup` to the last step, validation time excluded (checkpoint writes and logging included).
+    Reported in summary.json and at the end of `vaepipe fit`."""
+
+    def __init__(self, warmup: int = 20):
+        self.warmup = warmup
+        self.t0: float | None = None
+        self.samples = 0
+        self.excluded = 0.0
+        self._val_start: float | None = None
+        self.elapsed = 0.0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        import time
+
+        now = time.perf_counter()
+        if self.t0 is None:
+            if trainer.global_step >= self.warmup:
+                self.t0 = now
+            return
+        self.samples += len(batch["x"]) * trainer.world_size
+        self.elapsed = now - self.t0 - self.excluded
+
+    def on_validation_start(self, trainer, module):
+        import time
+
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, module):
+        import time
+
+        if self._val_start is not None and self.t0 is not None:
+            self.excluded += time.perf_counter() - self._val_start
+        self._val_start = None
+
+    @property
+    def samples_per_s(self) -> float | None:
+        return self.samples / self.elapsed if self.elapsed > 0 else None

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
-from pipeline.callbacks import AtomicCheckpointIO, ImageGrids, LastCheckpoint, RankStates
+from pipeline.callbacks import AtomicCheckpointIO, ImageGrids, LastCheckpoint, RankStates, Throughput
 from pipeline.config import ConfigError, to_yaml
 from pipeline.data.location import is_remote
 from pipeline.data.shards import MANIFEST, prepare
@@ -114,12 +114,12 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, images: ImageGrids, last: LastCheckpoint,
-                  run_id: str | None = None) -> pl.Trainer:
+                  run_id: str | None = None, throughput: Throughput | None = None) -> pl.Trainer:
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}-{step}", monitor=cfg.run.monitor, mode="min",
                         save_top_k=cfg.run.save_top_k, save_last=False, auto_insert_metric_name=False),
-        images, last, RankStates(), RunFacts(cfg, run_id),
+        images, last, RankStates(), RunFacts(cfg, run_id), throughput or Throughput(),
     ]
     if cfg.run.every_n_train_steps > 0:  # periodic, the newest `keep_last` kept
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:08d}", monitor="step", mode="max",
@@ -162,7 +162,8 @@ def fit(cfg: DictConfig) -> dict:
     run_id = None
     if cfg.logger.backend == "wandb":  # one wandb run per run folder, continued after every restart
         run_id = wandb_run_id(run_dir, checkpoint_run_id(ckpt_path), write=is_primary_process())
-    trainer = build_trainer(cfg, run_dir, images, preemption, run_id)
+    throughput = Throughput()
+    trainer = build_trainer(cfg, run_dir, images, preemption, run_id, throughput)
     if ckpt_path and is_primary_process():
         print(f"resuming from {ckpt_path}")
     metrics = {}
@@ -193,7 +194,7 @@ def fit(cfg: DictConfig) -> dict:
         "global_step": trainer.global_step, "preempted_at": preemption.stopped_at,
         "epoch_samples_dropped": plan.dropped if plan else 0, "epoch_samples_repeated": plan.repeated if plan else 0,
         "metrics": metrics,
-        "wandb_run_id": run_id,
+        "wandb_run_id": run_id, "train_samples_per_s": throughput.samples_per_s,
     }
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -205,6 +206,9 @@ def fit(cfg: DictConfig) -> dict:
         if plan and (plan.dropped or plan.repeated):
             print(f"  per epoch, to give every rank and worker equal batches: {plan.dropped} samples dropped, "
                   f"{plan.repeated} repeated")
+        if throughput.samples_per_s:
+            print(f"  throughput: {throughput.samples_per_s:.0f} samples/s (steady state, all ranks, "
+                  "validation excluded)")
         print(f"  checkpoint: {ckpt}")
         print(f"  config:     {result['config']}")
         for p in result["images"]:

@@ -74,9 +74,18 @@ def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
 def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor, event_dims: int) -> torch.Tensor:
     """log Bernoulli(x; logits), from logits (stable for saturated pixels), summed over pixels.
 
-    `x` broadcasts against `logits` (x [B, ...], logits [K, B, ...])."""
-    x = x.expand_as(logits)
-    return -sum_event(F.binary_cross_entropy_with_logits(logits, x, reduction="none"), event_dims)
+    `x` broadcasts against `logits` (x [B, ...], logits [K, B, ...]).
+    log p = x l - softplus(l) per pixel: summed as x . l (a batched dot product, no [K, B, D]
+    temporary for x) minus the sum of softplus(l) (one elementwise pass), about half the time of
+    binary_cross_entropy_with_logits on an expanded x, which dominates K = 5000 evaluation."""
+    lead = logits.shape[: logits.dim() - event_dims]
+    flat = logits.reshape(*lead, -1)
+    xf = x.reshape(*x.shape[: x.dim() - event_dims], -1).to(flat.dtype)
+    if flat.dim() == 3 and xf.shape == flat.shape[1:]:  # the [K, B, D] case of every objective
+        x_dot_l = torch.einsum("kbd,bd->kb", flat, xf)
+    else:
+        x_dot_l = (flat * xf).sum(-1)
+    return x_dot_l - F.softplus(flat).sum(-1)
 
 
 @float32
