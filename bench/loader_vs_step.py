@@ -25,11 +25,15 @@ from pipeline.models.components.vae import VAE
 SHARED = Path(__file__).resolve().parents[2] / "shared/data/binarized_mnist/binarized_mnist_uint8.npz"
 
 
-def loader_rate(root: Path, workers: int, batch: int) -> float:
-    n, t0 = 0, time.perf_counter()
+def loader_rate(root: Path, workers: int, batch: int) -> tuple[float, float]:
+    """(samples/s after the first batch, seconds to the first batch: worker start-up)."""
+    n, t0, first = 0, time.perf_counter(), None
     for b in make_loader(str(root), "train", batch, shuffle=True, seed=0, num_workers=workers):
+        if first is None:
+            first = time.perf_counter()
+            continue
         n += b["x"].shape[0]
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - first), first - t0
 
 
 def step_rate(batch: int, steps: int) -> float:
@@ -50,7 +54,7 @@ def step_rate(batch: int, steps: int) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=20000)
+    ap.add_argument("--samples", type=int, default=50000)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--batch", type=int, default=100)
     args = ap.parse_args()
@@ -67,10 +71,10 @@ def main():
                 shard_samples=args.samples // 8, log=lambda *_: None)
         demand = step_rate(args.batch, steps=200)
         rows = [(f"loader, {w} worker(s)", loader_rate(root, w, args.batch)) for w in args.workers]
-    print(f"{'what':28s} {'samples/s':>12s} {'÷ step demand':>14s}")
+    print(f"{'what':28s} {'samples/s':>12s} {'÷ step demand':>14s} {'start-up s':>11s}")
     print(f"{'train step (fwd+bwd+Adam)':28s} {demand:12.0f} {1.0:14.2f}")
-    for what, rate in rows:
-        print(f"{what:28s} {rate:12.0f} {rate / demand:14.2f}")
+    for what, (rate, startup) in rows:
+        print(f"{what:28s} {rate:12.0f} {rate / demand:14.2f} {startup:11.2f}")
 
 
 if __name__ == "__main__":

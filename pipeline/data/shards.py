@@ -1,8 +1,12 @@
 """Arrays -> WebDataset tar shards per split + manifest.json (`vaepipe prepare`).
 
-Sample encoding: the raw bytes of each array (`x.bin`, `factors.bin`) and the label as text
-(`y.cls`); shape and dtype live once in the manifest. Decoding is then one np.frombuffer per
-sample, with no pickle/npy header parsing on the hot path.
+Record encoding (format 2): each tar record holds up to `samples_per_record` consecutive samples
+as raw bytes: `x.bin` (n x shape, the manifest's dtype), `y.bin` (n int64 labels), `factors.bin`
+(n x F int64); shape and dtype live once in the manifest. Python's tarfile spends ~130 us on every
+tar member (header and pax parsing), so one sample per member capped the loader near 17k samples/s
+on a CPU core; a record of 128 MNIST samples costs one header for 100 KB, and the loader's per-sample
+work is a numpy view (docs/data.md, bench/loader_vs_step.py). Format 1 (one sample per record,
+`y.cls` as text) is still read.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from pipeline.errors import ShardError  # noqa: F401 - re-exported: raised by th
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SAMPLES_PER_RECORD = 128
 
 
 def sha256_file(path: Path, block: int = 1 << 20) -> str:
@@ -39,27 +44,38 @@ def write_json_atomic(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_split(split: str, arrays, out: Path, shard_bytes: int, shard_samples: int) -> dict:
+def record_bounds(n: int, per_record: int, shard_samples: int) -> list[tuple[int, int]]:
+    """[start, end) of each record: `per_record` samples, never crossing a `shard_samples` boundary."""
+    step = shard_samples if shard_samples > 0 else n or 1
+    return [(r, min(r + per_record, start + step, n)) for start in range(0, n, step)
+            for r in range(start, min(start + step, n), per_record)]
+
+
+def write_split(split: str, arrays, out: Path, shard_bytes: int, shard_samples: int,
+                per_record: int = SAMPLES_PER_RECORD) -> dict:
     """Write one split's shards; return its manifest entry."""
     x = np.ascontiguousarray(arrays.x)
-    maxcount = shard_samples if shard_samples > 0 else 10**12
+    if shard_samples > 0:
+        per_record = min(per_record, shard_samples)
+    maxcount = -(-shard_samples // per_record) if shard_samples > 0 else 10**12  # records per shard
     pattern = f"{split}-%06d.tar"
     counts: dict[int, int] = {}
     with wds.ShardWriter(str(out / pattern), maxsize=shard_bytes, maxcount=maxcount, verbose=0) as sink:
-        for i in range(len(x)):
-            sample = {"__key__": f"{split}-{i:08d}", "x.bin": x[i].tobytes()}
+        for a, b in record_bounds(len(x), per_record, shard_samples):
+            record = {"__key__": f"{split}-{a:08d}", "x.bin": x[a:b].tobytes()}
             if arrays.y is not None:
-                sample["y.cls"] = str(int(arrays.y[i])).encode()
+                record["y.bin"] = np.ascontiguousarray(arrays.y[a:b], dtype=np.int64).tobytes()
             if arrays.factors is not None:
-                sample["factors.bin"] = np.ascontiguousarray(arrays.factors[i], dtype=np.int64).tobytes()
-            sink.write(sample)
+                record["factors.bin"] = np.ascontiguousarray(arrays.factors[a:b], dtype=np.int64).tobytes()
+            sink.write(record)
             # ShardWriter numbers shards from 0 and has already advanced `shard` past the open one.
-            counts[sink.shard - 1] = counts.get(sink.shard - 1, 0) + 1
+            counts[sink.shard - 1] = counts.get(sink.shard - 1, 0) + (b - a)
     shards = [out / (pattern % i) for i in sorted(counts)]
     return {
         "num_samples": int(len(x)),
         "shape": list(x.shape[1:]),
         "dtype": str(x.dtype),
+        "samples_per_record": per_record,
         "shards": [
             {"name": p.name, "num_samples": n, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
             for p, n in zip(shards, (counts[i] for i in sorted(counts)))

@@ -38,22 +38,36 @@ def derived_seed(*parts) -> int:
 
 
 class Decoder:
-    """Raw bytes -> numpy arrays, from the shape/dtype in the manifest (picklable for workers)."""
+    """A tar record -> its samples as dicts of numpy views, from the shape/dtype in the manifest
+    (picklable for workers). A record holds n >= 1 samples (format 2); format 1's single sample
+    with a text label `y.cls` reads the same way."""
 
     def __init__(self, shape, dtype: str):
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.sample_bytes = int(np.prod(self.shape)) * self.dtype.itemsize
 
-    def __call__(self, sample: dict) -> dict:
+    def __call__(self, record: dict) -> list[dict]:
         try:
-            x = np.frombuffer(sample["x.bin"], dtype=self.dtype).reshape(self.shape)
+            raw = record["x.bin"]
+            if len(raw) == 0 or len(raw) % self.sample_bytes:
+                raise ValueError(f"{len(raw)} bytes is not a whole number of {self.sample_bytes}-byte samples")
+            x = np.frombuffer(raw, dtype=self.dtype).reshape(-1, *self.shape)
+            n = len(x)
+            y = np.frombuffer(record["y.bin"], dtype=np.int64) if "y.bin" in record else (
+                [int(record["y.cls"])] if "y.cls" in record else None)
+            f = np.frombuffer(record["factors.bin"], dtype=np.int64).reshape(n, -1) if "factors.bin" in record else None
+            if (y is not None and len(y) != n) or (f is not None and len(f) != n):
+                raise ValueError(f"{n} samples in x.bin but {len(y) if y is not None else len(f)} labels/factors")
         except (KeyError, ValueError) as err:
-            raise ShardError(f"sample '{sample.get('__key__')}' in {sample.get('__url__')}: bad 'x.bin' "
-                             f"(expected {self.shape} {self.dtype}): {err}") from None
-        out = {"x": x}
-        if "y.cls" in sample:
-            out["y"] = int(sample["y.cls"])
-        if "factors.bin" in sample:
-            out["factors"] = np.frombuffer(sample["factors.bin"], dtype=np.int64)
+            raise ShardError(f"record '{record.get('__key__')}' in {record.get('__url__')}: bad contents "
+                             f"(expected samples of {self.shape} {self.dtype}): {err}") from None
+        out = [{"x": x[i]} for i in range(n)]
+        if y is not None:
+            for i, s in enumerate(out):
+                s["y"] = int(y[i])
+        if f is not None:
+            for i, s in enumerate(out):
+                s["factors"] = f[i]
         return out
 
 
@@ -84,7 +98,7 @@ class Collate:
 class ShardStream(IterableDataset):
     """The batches of one rank for one epoch, split over its DataLoader workers by the plan.
 
-    `skip` batches (already consumed by this rank, on resume) are read but not decoded. A
+    `skip` batches (already consumed by this rank, on resume) are read but not collated. A
     DataLoader takes batches from workers in turn starting at worker 0, so on resume worker j plays
     the part of worker (j + skip) mod W: the round robin continues where it stopped."""
 
@@ -112,8 +126,14 @@ class ShardStream(IterableDataset):
         raise ShardError(f"cannot read shard {source or '(unknown)'}: {exn.args[0] if exn.args else exn!r}") from exn
 
     def _samples(self, part: Part):
-        stream = wds.tariterators.tarfile_samples([{"url": part.url}], handler=self._handler)
-        return (s for i, s in enumerate(stream) if i % part.parts == part.part)
+        """The part's samples, decoded: every `parts`-th sample of the shard (by sample index)."""
+        records = wds.tariterators.tarfile_samples([{"url": part.url}], handler=self._handler)
+        i = 0
+        for record in records:
+            samples = self.decoder(record)
+            first = (part.part - i) % part.parts  # the first index in this record that belongs to the part
+            yield from samples[first::part.parts]
+            i += len(samples)
 
     def _slot_samples(self, parts: list[Part], need: int | None):
         """The slot's samples in plan order; cycled until `need` when the plan asks for more."""
@@ -164,7 +184,7 @@ class ShardStream(IterableDataset):
             yield self._batch(batch, slot, index)
 
     def _batch(self, samples: list[dict], slot: int, index: int) -> dict:
-        out = self.collate([self.decoder(s) for s in samples], derived_seed(self.seed, self.epoch, slot, index))
+        out = self.collate(samples, derived_seed(self.seed, self.epoch, slot, index))
         if self.on_error == "skip":  # lets the training loop log how many shards were skipped
             out["shards_skipped"] = torch.tensor(self.skipped_shards)
         return out
