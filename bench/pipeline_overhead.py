@@ -5,8 +5,9 @@
 Both train the IWAE paper's 784-200-200-50 tanh MLP VAE with Adam, batch 100, on binarized MNIST
 (../shared/data when present, else random binary 28x28 images of the same size):
   bare      a Python loop over in-memory float tensors: encode, ELBO, backward, Adam step;
-  pipeline  `vaepipe fit` in a subprocess: shards -> streaming loader (1 worker) -> LightningModule,
-            csv logging every 50 steps, a periodic checkpoint every 500 steps, progress bar on;
+  pipeline  `vaepipe fit` in a subprocess: shards -> streaming loader -> LightningModule,
+            csv logging every 50 steps, a periodic checkpoint every 500 steps, progress bar on,
+            with each `--workers` value of data.num_workers (0: the loader runs in the training process);
             throughput from its summary.json (after 20 warm-up steps, validation excluded).
 The two alternate `--repeats` times in this one run (the machine is shared and noisy); the table
 gives each rate and the ratio of medians. Target: ratio >= 0.95.
@@ -65,9 +66,9 @@ def bare_rate(x_all: torch.Tensor, batch: int, steps: int, warmup: int = 20) -> 
     return steps * batch / (time.perf_counter() - t0)
 
 
-def pipeline_rate(root: Path, name: str, run_dir: Path, batch: int, steps: int) -> float:
+def pipeline_rate(root: Path, name: str, run_dir: Path, batch: int, steps: int, workers: int) -> float:
     cmd = [sys.executable, "-m", "pipeline", "fit", "-c", str(ROOT / "configs/vae_mnist.yaml"), f"data.name={name}",
-           f"data.root={root}", "data.binarize=none", f"data.batch_size={batch}", "data.num_workers=1",
+           f"data.root={root}", "data.binarize=none", f"data.batch_size={batch}", f"data.num_workers={workers}",
            f"run.dir={run_dir}", "run.resume=never", f"trainer.max_steps={steps}", "trainer.max_epochs=-1",
            "trainer.limit_val_batches=0", "run.every_n_train_steps=500", "logger.backend=csv", "run.test=false",
            "logger.image_every_n_epochs=0", "trainer.accelerator=cpu"]
@@ -82,6 +83,7 @@ def main():
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1], help="data.num_workers values to measure")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -90,17 +92,20 @@ def main():
         from pipeline.data.stream import make_loader
 
         x_all = torch.cat([b["x"] for b in make_loader(str(root), "train", 1000, shuffle=False)])[:samples]
-        bare, pipe = [], []
+        bare, pipe = [], {w: [] for w in args.workers}
         for r in range(args.repeats):
             bare.append(bare_rate(x_all, args.batch, args.steps))
-            pipe.append(pipeline_rate(root, name, tmp / f"run{r}", args.batch, args.steps))
+            for w in args.workers:
+                pipe[w].append(pipeline_rate(root, name, tmp / f"run{r}-{w}", args.batch, args.steps, w))
     torch_threads = torch.get_num_threads()
     print(f"MNIST MLP VAE 784-200-200-50, batch {args.batch}, {args.steps} steps, torch threads {torch_threads}, "
           f"data {name}")
     print(f"{'what':34s} {'samples/s (each run)':>28s} {'median':>9s}")
     print(f"{'bare loop, in-memory tensors':34s} {' '.join(f'{v:8.0f}' for v in bare):>28s} {statistics.median(bare):9.0f}")
-    print(f"{'vaepipe fit (shards, loader, ...)':34s} {' '.join(f'{v:8.0f}' for v in pipe):>28s} {statistics.median(pipe):9.0f}")
-    print(f"{'ratio pipeline / bare':34s} {'':>28s} {statistics.median(pipe) / statistics.median(bare):9.3f}")
+    for w, rates in pipe.items():
+        what = f"vaepipe fit, {w} loader worker(s)"
+        print(f"{what:34s} {' '.join(f'{v:8.0f}' for v in rates):>28s} {statistics.median(rates):9.0f}"
+              f"   ratio {statistics.median(rates) / statistics.median(bare):.3f}")
 
 
 if __name__ == "__main__":
