@@ -54,6 +54,11 @@ class VAE(nn.Module):
 
     def log_px_given_z(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """log p(x|z) per sample, [K, B] for z [K, B, d], summed over pixels, in float32."""
+        if self.likelihood == "bernoulli" and z.dim() == 3:
+            # Decode in [B, K] order: x . logits is then a batched product without copying the
+            # [K, B, pixels] logits (the largest tensor of K = 5000 evaluation).
+            out = self.decode(z.transpose(0, 1))
+            return vae_math.bernoulli_log_likelihood(x, out, self.event_dims, batch_first=True).t()
         out = self.decode(z)
         if self.likelihood == "bernoulli":
             return vae_math.bernoulli_log_likelihood(x, out, self.event_dims)
