@@ -61,12 +61,15 @@ def mig(z, factors, bins: int = 20) -> float:
 
 def _beta_vae_points(z: np.ndarray, factors: np.ndarray, n: int, pairs: int, rng: np.random.Generator):
     """n training points: mean |z1 - z2| over `pairs` pairs sharing one factor's value, and that factor."""
-    usable = [k for k in range(factors.shape[1]) if len(np.unique(factors[:, k])) > 1]
-    groups = {k: {v: np.flatnonzero(factors[:, k] == v) for v in np.unique(factors[:, k])} for k in usable}
+    groups = {k: [m for m in (np.flatnonzero(factors[:, k] == v) for v in np.unique(factors[:, k])) if len(m) >= 2]
+              for k in range(factors.shape[1]) if len(np.unique(factors[:, k])) > 1}
+    usable = [k for k, g in groups.items() if g]  # factors with a value shared by two examples
+    if not usable:
+        raise ValueError("no factor value is shared by two examples: too few examples for the beta-VAE metric")
     x, y = np.zeros((n, z.shape[1])), np.zeros(n, dtype=np.int64)
     for i in range(n):
         k = usable[rng.integers(len(usable))]
-        members = [m for m in groups[k].values() if len(m) >= 2]
+        members = groups[k]
         diffs = []
         for _ in range(pairs):
             m = members[rng.integers(len(members))]

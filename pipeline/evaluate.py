@@ -36,6 +36,9 @@ def load_module(ckpt: str | Path):
     return module.eval()
 
 
+MIN_FACTOR_EXAMPLES = 200  # below this the disentanglement metrics are noise: not reported
+
+
 @torch.no_grad()
 def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | None = None,
              batch_size: int = 100, chunk: int = 500, data_root: str | None = None, seed: int = 0,
@@ -86,7 +89,7 @@ def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | 
     mean_log_px = sums["log_px"] / n
     std = math.sqrt(max(sums["log_px_sq"] / n - mean_log_px**2, 0.0))
     extra = {}
-    if factors:  # data with ground-truth factors (sprites): Concept 11.25's metrics
+    if factors and n >= MIN_FACTOR_EXAMPLES:  # data with ground-truth factors (sprites): Concept 11.25's metrics
         from pipeline.disentanglement import beta_vae_score, mig
 
         z, v = torch.cat(codes).numpy(), torch.cat(factors).numpy()

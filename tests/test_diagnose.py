@@ -45,6 +45,8 @@ def test_amortization_gap(trained):
 
 
 def test_eval_reports_disentanglement_when_the_data_has_factors(trained):
-    r = json.loads(vaepipe("eval", trained, "--k", "5", "--json").stdout)
+    r = json.loads(vaepipe("eval", trained, "--k", "5", "--split", "train", "--json").stdout)  # 640 examples
     assert 0.0 <= r["mig"] <= 1.0
     assert 0.2 < r["beta_vae_score"] <= 1.0  # even a 40-step encoder beats chance (1/5) on sprites
+    few = json.loads(vaepipe("eval", trained, "--k", "5", "--limit", "10", "--json").stdout)
+    assert "mig" not in few  # 10 examples: too few to say anything, so not reported
