@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -180,8 +181,6 @@ class Throughput(pl.Callback):
         self.elapsed = 0.0
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        import time
-
         now = time.perf_counter()
         if self.t0 is None:
             if trainer.global_step >= self.warmup:
@@ -191,13 +190,9 @@ class Throughput(pl.Callback):
         self.elapsed = now - self.t0 - self.excluded
 
     def on_validation_start(self, trainer, module):
-        import time
-
         self._val_start = time.perf_counter()
 
     def on_validation_end(self, trainer, module):
-        import time
-
         if self._val_start is not None and self.t0 is not None:
             self.excluded += time.perf_counter() - self._val_start
         self._val_start = None

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from pipeline import vae_math
+
 
 def is_image_shape(shape: tuple[int, ...]) -> bool:
     """(H, W) or (C, H, W) with C in {1, 3}; 2-D points (GMM) and flat vectors are not pictures."""
@@ -99,6 +101,6 @@ def write_model_grids(vae, fixed_z: torch.Tensor, examples: torch.Tensor | None,
     if examples is not None:
         mu, logvar = vae.encode(examples)
         paths["recon"] = save_grid(side_by_side(examples, vae.mean(mu)), out_dir / f"recon_{tag}.png", nrow=8)
-        kl = 0.5 * (mu.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).mean(0)  # per dimension
+        kl = vae_math.kl_standard_normal(mu.unsqueeze(-1), logvar.unsqueeze(-1)).mean(0)  # per dimension
         paths["traversal"] = save_grid(traversal(vae, examples[0], kl), out_dir / f"traversal_{tag}.png", nrow=9)
     return paths

@@ -114,12 +114,12 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, images: ImageGrids, last: LastCheckpoint,
-                  run_id: str | None = None, throughput: Throughput | None = None) -> pl.Trainer:
+                  throughput: Throughput, run_id: str | None = None) -> pl.Trainer:
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}-{step}", monitor=cfg.run.monitor, mode="min",
                         save_top_k=cfg.run.save_top_k, save_last=False, auto_insert_metric_name=False),
-        images, last, RankStates(), RunFacts(cfg, run_id), throughput or Throughput(),
+        images, last, RankStates(), RunFacts(cfg, run_id), throughput,
     ]
     if cfg.run.every_n_train_steps > 0:  # periodic, the newest `keep_last` kept
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:08d}", monitor="step", mode="max",
@@ -163,7 +163,7 @@ def fit(cfg: DictConfig) -> dict:
     if cfg.logger.backend == "wandb":  # one wandb run per run folder, continued after every restart
         run_id = wandb_run_id(run_dir, checkpoint_run_id(ckpt_path), write=is_primary_process())
     throughput = Throughput()
-    trainer = build_trainer(cfg, run_dir, images, preemption, run_id, throughput)
+    trainer = build_trainer(cfg, run_dir, images, preemption, throughput, run_id)
     if ckpt_path and is_primary_process():
         print(f"resuming from {ckpt_path}")
     metrics = {}

@@ -83,12 +83,12 @@ def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor, event_dims: 
     lead = logits.shape[: logits.dim() - event_dims]
     flat = logits.reshape(*lead, -1)
     xf = x.reshape(*x.shape[: x.dim() - event_dims], -1).to(flat.dtype)
-    if flat.dim() == 3 and batch_first and xf.shape == (flat.shape[0], flat.shape[2]):
+    if batch_first:  # logits [B, K, D], x [B, D]
         x_dot_l = torch.bmm(flat, xf.unsqueeze(-1)).squeeze(-1)  # [B, K]
-    elif flat.dim() == 3 and not batch_first and xf.shape == flat.shape[1:]:
+    elif flat.dim() == 3 and xf.shape == flat.shape[1:]:  # logits [K, B, D], x [B, D]
         x_dot_l = torch.einsum("kbd,bd->kb", flat, xf)
     else:
-        x_dot_l = ((flat * xf.unsqueeze(1)) if batch_first and flat.dim() == xf.dim() + 1 else flat * xf).sum(-1)
+        x_dot_l = (flat * xf).sum(-1)
     return x_dot_l - F.softplus(flat).sum(-1)
 
 

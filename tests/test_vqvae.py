@@ -82,7 +82,6 @@ def test_ema_statistics_are_all_reduced_across_processes(tmp_path):
     torch.manual_seed(0)
     single = VectorQuantizer(16, 4, ema=True, decay=0.9, dead_threshold=0.5).train()
     data = torch.randn(2, 3, 4, 5, 5, generator=torch.Generator().manual_seed(1))
-    single.ema = True
     for step in range(3):
         # counts and sums of the two ranks' batches: a batch holding both (restarts draw from rank 0's)
         flat = torch.cat([data[r, step].permute(1, 2, 0).reshape(-1, 4) for r in (0, 1)])

@@ -58,12 +58,6 @@ class VQVAEModule(VAEModule):
             books = self.all_gather(self.vae.quantizer.codebook.detach())  # [world, K, D]
             self.log("train/codebook_rank_spread", (books - books[0:1]).abs().max().float(), rank_zero_only=True)
 
-    def on_validation_epoch_end(self):
-        return
-
-    def on_test_epoch_end(self):
-        return
-
     def write_images(self, out_dir, tag: str) -> dict:
         from pathlib import Path
 
