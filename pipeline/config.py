@@ -238,5 +238,10 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Dict
     return cfg
 
 
+def config_object(config: dict | DictConfig) -> Config:
+    """A resolved config (e.g. a checkpoint's) as the typed dataclasses: plain attribute reads."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), config))
+
+
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
-import random
 import signal
 import threading
 import warnings
-from itertools import islice
 
 import numpy as np
 import torch
@@ -38,49 +36,118 @@ def derived_seed(*parts) -> int:
 
 
 class Decoder:
-    """A tar record -> its samples as dicts of numpy views, from the shape/dtype in the manifest
-    (picklable for workers). A record holds n >= 1 samples (format 2); format 1's single sample
-    with a text label `y.cls` reads the same way."""
+    """A tar record -> its samples as arrays {"x": [n, *shape], "y": [n], "factors": [n, F]}, from the
+    shape/dtype in the manifest (picklable for workers). A record holds n >= 1 samples (format 2);
+    format 1's single sample with a text label `y.cls` reads the same way. Samples stay in arrays from
+    here to the batch: no Python object per sample (bench/loader_vs_step.py)."""
 
     def __init__(self, shape, dtype: str):
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
         self.sample_bytes = int(np.prod(self.shape)) * self.dtype.itemsize
 
-    def __call__(self, record: dict) -> list[dict]:
+    def __call__(self, record: dict) -> dict:
         try:
             raw = record["x.bin"]
             if len(raw) == 0 or len(raw) % self.sample_bytes:
                 raise ValueError(f"{len(raw)} bytes is not a whole number of {self.sample_bytes}-byte samples")
-            x = np.frombuffer(raw, dtype=self.dtype).reshape(-1, *self.shape)
-            n = len(x)
-            y = np.frombuffer(record["y.bin"], dtype=np.int64) if "y.bin" in record else (
-                [int(record["y.cls"])] if "y.cls" in record else None)
-            f = np.frombuffer(record["factors.bin"], dtype=np.int64).reshape(n, -1) if "factors.bin" in record else None
-            if (y is not None and len(y) != n) or (f is not None and len(f) != n):
-                raise ValueError(f"{n} samples in x.bin but {len(y) if y is not None else len(f)} labels/factors")
+            out = {"x": np.frombuffer(raw, dtype=self.dtype).reshape(-1, *self.shape)}
+            n = len(out["x"])
+            if "y.bin" in record:
+                out["y"] = np.frombuffer(record["y.bin"], dtype=np.int64)
+            elif "y.cls" in record:
+                out["y"] = np.array([int(record["y.cls"])], dtype=np.int64)
+            if "factors.bin" in record:
+                out["factors"] = np.frombuffer(record["factors.bin"], dtype=np.int64).reshape(n, -1)
+            bad = [k for k, v in out.items() if len(v) != n]
+            if bad:
+                raise ValueError(f"{n} samples in x.bin but {len(out[bad[0]])} in {bad[0]}")
         except (KeyError, ValueError) as err:
             raise ShardError(f"record '{record.get('__key__')}' in {record.get('__url__')}: bad contents "
                              f"(expected samples of {self.shape} {self.dtype}): {err}") from None
-        out = [{"x": x[i]} for i in range(n)]
-        if y is not None:
-            for i, s in enumerate(out):
-                s["y"] = int(y[i])
-        if f is not None:
-            for i, s in enumerate(out):
-                s["factors"] = f[i]
         return out
 
 
+def _take(chunk: dict, index) -> dict:
+    return {k: v[index] for k, v in chunk.items()}
+
+
+def _concat(chunks: list[dict]) -> dict:
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def _length(chunk: dict) -> int:
+    return len(chunk["x"])
+
+
+def _first(chunks, limit: int):
+    """The first `limit` samples of a stream of chunks."""
+    for chunk in chunks:
+        if _length(chunk) >= limit:
+            yield _take(chunk, slice(0, limit))
+            return
+        yield chunk
+        limit -= _length(chunk)
+
+
+class ShuffleBuffer:
+    """webdataset's shuffle buffer, a batch at a time: hold `size` samples in arrays, draw a batch
+    uniformly without replacement, refill the holes from the newest samples. The same mixing as
+    drawing one sample per incoming sample, at the cost of a few fancy-indexing calls per batch
+    instead of Python work per sample."""
+
+    def __init__(self, size: int, batch_size: int, rng: np.random.Generator):
+        self.size, self.batch_size, self.rng = max(size, batch_size), batch_size, rng
+        self.pool: dict | None = None
+        self.n = 0
+
+    def add(self, chunk: dict):
+        """Add a chunk of samples; yield the batches now drawable."""
+        m = _length(chunk)
+        if self.pool is None:
+            self.pool = {k: np.empty((self.size + self.batch_size + m, *v.shape[1:]), v.dtype) for k, v in chunk.items()}
+        if self.n + m > len(self.pool["x"]):
+            grow = self.n + m + self.batch_size
+            self.pool = {k: np.concatenate([v[:self.n], np.empty((grow - self.n, *v.shape[1:]), v.dtype)])
+                         for k, v in self.pool.items()}
+        for k, v in chunk.items():
+            self.pool[k][self.n:self.n + m] = v
+        self.n += m
+        while self.n >= self.size + self.batch_size:
+            yield self._draw()
+
+    def _draw(self) -> dict:
+        b, n = self.batch_size, self.n
+        idx = self.rng.choice(n, b, replace=False)
+        out = _take(self.pool, idx)
+        in_tail = idx >= n - b
+        drawn = np.zeros(b, dtype=bool)
+        drawn[idx[in_tail] - (n - b)] = True
+        holes, movers = idx[~in_tail], np.flatnonzero(~drawn) + (n - b)  # undrawn tail samples fill the holes
+        for v in self.pool.values():
+            v[holes] = v[movers]
+        self.n = n - b
+        return out
+
+    def drain(self):
+        """The rest, in a random order, in batches (the last one may be short)."""
+        if self.pool is None:
+            return
+        order = self.rng.permutation(self.n)
+        for i in range(0, self.n, self.batch_size):
+            yield _take(self.pool, order[i:i + self.batch_size])
+        self.n = 0
+
+
 class Collate:
-    """Stack a batch of raw arrays, convert to float32 and scale once per batch (not per sample),
-    then binarise if asked: `dynamic` draws x ~ Bernoulli(pixel) anew every epoch (the IWAE paper's
-    MNIST) from a generator seeded per (seed, epoch, slot, batch), `threshold` keeps x > 0.5."""
+    """A batch of raw arrays -> tensors, converted to float32 and scaled once per batch, then binarised
+    if asked: `dynamic` draws x ~ Bernoulli(pixel) anew every epoch (the IWAE paper's MNIST) from a
+    generator seeded per (seed, epoch, slot, batch), `threshold` keeps x > 0.5."""
 
     def __init__(self, scale: float, binarize: str = "none"):
         self.scale, self.binarize = float(scale), binarize
 
-    def __call__(self, samples: list[dict], seed: int = 0) -> dict:
-        x = torch.from_numpy(np.stack([s["x"] for s in samples])).float()
+    def __call__(self, arrays: dict, seed: int = 0) -> dict:
+        x = torch.from_numpy(arrays["x"].astype(np.float32))  # astype copies: a writable, owned tensor
         if self.scale != 1.0:
             x.mul_(self.scale)
         if self.binarize == "dynamic":
@@ -88,10 +155,9 @@ class Collate:
         elif self.binarize == "threshold":
             x = (x > 0.5).float()
         batch = {"x": x}
-        if "y" in samples[0]:
-            batch["y"] = torch.tensor([s["y"] for s in samples])
-        if "factors" in samples[0]:
-            batch["factors"] = torch.from_numpy(np.stack([s["factors"] for s in samples]))
+        for key in ("y", "factors"):
+            if key in arrays:
+                batch[key] = torch.from_numpy(arrays[key].astype(np.int64))
         return batch
 
 
@@ -125,41 +191,54 @@ class ShardStream(IterableDataset):
             return True
         raise ShardError(f"cannot read shard {source or '(unknown)'}: {exn.args[0] if exn.args else exn!r}") from exn
 
-    def _samples(self, part: Part):
-        """The part's samples, decoded: every `parts`-th sample of the shard (by sample index)."""
+    def _chunks(self, part: Part):
+        """The part's samples, decoded a record at a time: every `parts`-th sample of the shard (by sample index)."""
         records = wds.tariterators.tarfile_samples([{"url": part.url}], handler=self._handler)
         i = 0
         for record in records:
-            samples = self.decoder(record)
-            first = (part.part - i) % part.parts  # the first index in this record that belongs to the part
-            yield from samples[first::part.parts]
-            i += len(samples)
+            chunk = self.decoder(record)
+            n = _length(chunk)
+            if part.parts > 1:
+                chunk = _take(chunk, slice((part.part - i) % part.parts, None, part.parts))
+            if _length(chunk):
+                yield chunk
+            i += n
 
-    def _slot_samples(self, parts: list[Part], need: int | None):
-        """The slot's samples in plan order; cycled until `need` when the plan asks for more."""
+    def _slot_chunks(self, parts: list[Part], need: int | None):
+        """The slot's samples in plan order, in chunks; cycled until `need` when the plan asks for more."""
         produced = 0
         while True:
             for part in parts:
-                for sample in self._samples(part):
-                    yield sample
-                    produced += 1
-                    if need is not None and produced >= need:
+                for chunk in self._chunks(part):
+                    if need is not None and produced + _length(chunk) >= need:
+                        yield _take(chunk, slice(0, need - produced))
                         return
+                    yield chunk
+                    produced += _length(chunk)
             if need is None or produced == 0:
                 if need and produced == 0:
                     raise ShardError(f"no readable samples in {[p.url for p in parts]}")
                 return
 
-    def _shuffled(self, samples, rng: random.Random):
-        buf = []
-        for sample in samples:
-            buf.append(sample)
-            if len(buf) >= self.buffer:
-                k = rng.randrange(len(buf))
-                buf[k], buf[-1] = buf[-1], buf[k]
-                yield buf.pop()
-        rng.shuffle(buf)
-        yield from buf
+    def _batches(self, chunks, rng: np.random.Generator | None):
+        """Chunks -> batches of `batch_size` (the last may be short), through the shuffle buffer if rng."""
+        size = self.plan.batch_size
+        if rng is not None:
+            buffer = ShuffleBuffer(self.buffer, size, rng)
+            for chunk in chunks:
+                yield from buffer.add(chunk)
+            yield from buffer.drain()
+            return
+        pending, have = [], 0
+        for chunk in chunks:
+            pending.append(chunk)
+            have += _length(chunk)
+            while have >= size:
+                joined = _concat(pending) if len(pending) > 1 else pending[0]
+                yield _take(joined, slice(0, size))
+                pending, have = [_take(joined, slice(size, None))], have - size
+        if have:
+            yield _concat(pending)
 
     def __iter__(self):
         info = get_worker_info()
@@ -167,24 +246,17 @@ class ShardStream(IterableDataset):
         logical = (worker + self.skip) % self.workers  # continue the round robin (see class doc)
         slot = self.rank * self.workers + logical
         need = None if self.plan.batches_per_slot is None else self.plan.batches_per_slot * self.plan.batch_size
-        samples = self._slot_samples(self.plan.slots[slot], need)
-        if self.shuffle:
-            samples = self._shuffled(samples, random.Random(derived_seed(self.seed, self.epoch, slot, "buffer")))
+        chunks = self._slot_chunks(self.plan.slots[slot], need)
         if self.limit is not None:  # evaluation on the first N samples (one process)
-            samples = islice(samples, self.limit)
+            chunks = _first(chunks, self.limit)
+        rng = np.random.default_rng(derived_seed(self.seed, self.epoch, slot, "buffer")) if self.shuffle else None
         done = consumed_by_worker(self.skip, logical, self.workers)
-        batch, index = [], 0
-        for sample in samples:
-            batch.append(sample)
-            if len(batch) == self.plan.batch_size:
-                if index >= done:
-                    yield self._batch(batch, slot, index)
-                batch, index = [], index + 1
-        if batch and index >= done:
-            yield self._batch(batch, slot, index)
+        for index, batch in enumerate(self._batches(chunks, rng)):
+            if index >= done:  # batches already consumed before a restart are read, not collated
+                yield self._batch(batch, slot, index)
 
-    def _batch(self, samples: list[dict], slot: int, index: int) -> dict:
-        out = self.collate(samples, derived_seed(self.seed, self.epoch, slot, index))
+    def _batch(self, arrays: dict, slot: int, index: int) -> dict:
+        out = self.collate(arrays, derived_seed(self.seed, self.epoch, slot, index))
         if self.on_error == "skip":  # lets the training loop log how many shards were skipped
             out["shards_skipped"] = torch.tensor(self.skipped_shards)
         return out
