@@ -117,10 +117,12 @@ class LastCheckpoint(pl.Callback):
         if self.fault:
             self._inject_fault(trainer)
         received = signals.received()
-        flag = torch.tensor([0 if received is None else 1], device=module.device)
+        stop = received is not None
         if trainer.world_size > 1 and dist.is_initialized():
+            flag = torch.tensor([int(stop)], device=module.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
+            stop = bool(flag.item())
+        if stop:
             self.save(trainer)
             self.stopped_at = trainer.global_step
             name = signal.Signals(received).name if received else "a signal on another rank"
@@ -200,3 +202,4 @@ class Throughput(pl.Callback):
     @property
     def samples_per_s(self) -> float | None:
         return self.samples / self.elapsed if self.elapsed > 0 else None
+

@@ -133,7 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--limit", type=int, help="only the first N examples")
     p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--chunk", type=int, default=500, help="samples per pass (bounds memory)")
+    p.add_argument("--chunk", type=int, help="samples per pass (bounds memory; default: 5000/batch on CPU, "
+                   "500 on GPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the log-weights (default: on when --k >= 1000; ~20 s once)")
     p.add_argument("--data-root", help="shards folder (default: the one in the checkpoint's config)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -194,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
 
         r = evaluate(args.ckpt, k=args.k, split=args.split, limit=args.limit, batch_size=args.batch_size,
                      chunk=args.chunk, data_root=args.data_root, seed=args.seed, progress=not args.json,
-                     device=args.device)
+                     device=args.device, compile=args.compile)
         if args.json:
             print(json.dumps(r))
         else:

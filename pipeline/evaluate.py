@@ -39,20 +39,59 @@ def load_module(ckpt: str | Path):
 MIN_FACTOR_EXAMPLES = 200  # below this the disentanglement metrics are noise: not reported
 
 
+def default_chunk(batch_size: int, device: torch.device) -> int:
+    """Samples per pass: on CPU ~5000 decoder rows (chunk x batch), whose [rows, pixels] logits stay
+    in cache through the likelihood's passes (50 000 rows ran 1.5x slower here: every elementwise
+    pass went to memory); on a GPU large passes keep the device busy."""
+    return 500 if device.type == "cuda" else max(1, 5000 // batch_size)
+
+
+def log_weight_kernel(vae, compile: bool):
+    """(x, z, mu, logvar) -> log w = log p(x|z) + log p(z) - log q(z|x), [n, B]. Compiled, the
+    decoder's bias + tanh and the likelihood's softplus, product and sums fuse into the matrix
+    products' passes: evaluation then runs near this machine's GEMM rate (bench/eval_vs_gemm.py).
+    Compiling takes ~20 s once; without a C++ compiler it falls back to eager, saying so."""
+
+    def log_w(x, z, mu, logvar):
+        return vae_math.log_importance_weights(vae.log_px_given_z(x, z), z, mu, logvar)
+
+    if not compile:
+        return log_w
+    compiled = torch.compile(log_w, dynamic=False)
+    state = {"fn": compiled}
+
+    def guarded(*args):
+        try:
+            return state["fn"](*args)
+        except Exception as err:  # inductor needs a working C++ toolchain; eager is always right
+            if state["fn"] is log_w:
+                raise
+            print(f"note: torch.compile unavailable ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                  "evaluating eagerly (--no-compile skips the attempt)", file=sys.stderr)
+            state["fn"] = log_w
+            return log_w(*args)
+
+    return guarded
+
+
 @torch.no_grad()
 def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | None = None,
-             batch_size: int = 100, chunk: int = 500, data_root: str | None = None, seed: int = 0,
-             progress: bool = True, device: str | None = None) -> dict:
+             batch_size: int = 100, chunk: int | None = None, data_root: str | None = None, seed: int = 0,
+             progress: bool = True, device: str | None = None, compile: bool | None = None) -> dict:
     """Per-example means over a split (nats): ELBO, L_k at the model's training K, and L_K with
     K = `k`, the importance-sampled estimate of log p(x) (Choice 2, Concepts 11.6-11.9).
 
     The ELBO is the mean log-weight of the same K samples (an unbiased ELBO estimate), so one pass
-    over the decoder gives both. Dynamic binarisation of the inputs is drawn once from `seed`."""
+    over the decoder gives both. Dynamic binarisation of the inputs is drawn once from `seed`.
+    `chunk`: samples per pass (default_chunk); `compile`: torch.compile the log-weights (default:
+    when k >= 1000, where the one-off compile time is small beside the evaluation)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     module = load_module(ckpt).to(device)
     cfg, vae = module.cfg, module.vae
     if cfg.model.family == "vqvae":
         return evaluate_vq(module, ckpt, split, limit, batch_size, data_root, seed, progress, device)
+    chunk = chunk or default_chunk(batch_size, device)
+    kernel = log_weight_kernel(vae, k >= 1000 if compile is None else compile)
     torch.manual_seed(seed)
     gen = torch.Generator(device=device).manual_seed(seed)
     loader = make_loader(data_root or cfg.data.root, split, batch_size, binarize=cfg.data.binarize, limit=limit,
@@ -72,7 +111,7 @@ def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | 
         def log_w(m):
             nonlocal log_w_sum
             z = vae_math.reparameterize(mu, logvar, m, gen)
-            lw = vae_math.log_importance_weights(vae.log_px_given_z(x, z), z, mu, logvar)
+            lw = kernel(x, z, mu, logvar)
             log_w_sum += lw.sum(0)
             return lw
 
@@ -97,7 +136,7 @@ def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | 
     return {
         **extra,
         "checkpoint": str(ckpt), "split": split, "examples": n, "k": k,
-        "elbo": sums["elbo"] / n, f"iwae_bound_k{k_train}": sums[f"iwae{k_train}"] / n,
+        "chunk": chunk, "elbo": sums["elbo"] / n, f"iwae_bound_k{k_train}": sums[f"iwae{k_train}"] / n,
         f"iwae_bound_k{k}": mean_log_px, "nll": -mean_log_px, "nll_stderr": std / math.sqrt(n),
         "seconds": time.time() - t0, "device": str(device),
     }

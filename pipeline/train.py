@@ -138,7 +138,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, images: ImageGrids, last: Last
         # SIGUSR1 handler (hpc_ckpt + scontrol requeue) stays off.
         plugins.append(SLURMEnvironment(auto_requeue=False))
     return pl.Trainer(**trainer_kwargs(cfg), default_root_dir=str(run_dir), callbacks=callbacks, logger=logger,
-                      plugins=plugins, reload_dataloaders_every_n_epochs=1)
+                      plugins=plugins, reload_dataloaders_every_n_epochs=1)  # the same loader, moved on: datamodule
 
 
 def fit(cfg: DictConfig) -> dict:

@@ -107,3 +107,22 @@ def test_objective_stays_float32_under_bf16_autocast():
         terms, mu, _ = m.objective(x, beta=1.0)
         assert m.vae.decode(mu).dtype == torch.bfloat16  # the networks do run in bf16 ...
     assert all(t.dtype == torch.float32 for t in terms.values())  # ... the mathematics does not
+
+
+def test_compiled_log_weights_match_eager():
+    # vaepipe eval compiles the log-weight kernel (k >= 1000) for speed; it must compute the same
+    # numbers. Tolerance: float32 sums over 784 pixels in a different order differ by ~1e-4 nats
+    # on log-weights of a few hundred nats; 1e-3 absolute + 1e-5 relative leaves room for that.
+    from pipeline import vae_math
+    from pipeline.evaluate import log_weight_kernel
+
+    torch.manual_seed(0)
+    vae = VAE((28, 28), arch="mlp", hidden=[200, 200], latent_dim=50, activation="tanh").eval()
+    x = (torch.rand(20, 28, 28) < 0.2).float()
+    with torch.no_grad():
+        mu, logvar = vae.encode(x)
+        z = vae_math.reparameterize(mu, logvar, 64, torch.Generator().manual_seed(1))
+        eager = log_weight_kernel(vae, compile=False)(x, z, mu, logvar)
+        compiled = log_weight_kernel(vae, compile=True)(x, z, mu, logvar)
+    assert eager.shape == (64, 20) and eager.dtype == torch.float32
+    torch.testing.assert_close(compiled, eager, atol=1e-3, rtol=1e-5)

@@ -26,6 +26,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.manifest = load_manifest(data_cfg.root)
         self._resume: dict | None = None  # this rank's saved position, until its epoch's loader is built
         self.last_plan: EpochPlan | None = None
+        self._train_loader: DataLoader | None = None
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -50,14 +51,24 @@ class ShardDataModule(pl.LightningDataModule):
                              shuffle=train, seed=self.seed, epoch=epoch, shuffle_buffer=self.cfg.shuffle_buffer,
                              num_workers=self.cfg.num_workers, binarize=self.cfg.binarize, manifest=self.manifest,
                              rank=rank, world_size=world, skip=skip, on_error=self.cfg.on_error,
-                             worker_start=self.cfg.worker_start)
+                             worker_start=self.cfg.worker_start, persistent=train)
         if train:
             self.last_plan = loader.plan
-
         return loader
 
     def train_dataloader(self):
-        return self._loader("train", train=True)
+        """Lightning asks at every epoch start (reload_dataloaders_every_n_epochs=1), after its own
+        restart bookkeeping, so the current epoch is right here whatever the resume path. One loader
+        serves the whole run, its workers kept alive (starting them costs ~1 s, most of a small
+        epoch): it is moved to the epoch, and each worker reads that epoch's plan, shuffle and
+        binarisation when Lightning starts the epoch's iteration."""
+        if self._train_loader is None:
+            self._train_loader = self._loader("train", train=True)
+        else:
+            stream = self._train_loader.dataset
+            stream.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
+            self.last_plan = stream.plan
+        return self._train_loader
 
     def val_dataloader(self):
         return self._loader("val")

@@ -9,6 +9,7 @@ resumed run skips the batches already consumed and continues with identical data
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import multiprocessing
 import signal
@@ -164,17 +165,40 @@ class Collate:
 class ShardStream(IterableDataset):
     """The batches of one rank for one epoch, split over its DataLoader workers by the plan.
 
-    `skip` batches (already consumed by this rank, on resume) are read but not collated. A
-    DataLoader takes batches from workers in turn starting at worker 0, so on resume worker j plays
-    the part of worker (j + skip) mod W: the round robin continues where it stopped."""
+    `plan_for(epoch)` gives the epoch's plan; the epoch is read when iteration starts, so one
+    loader with persistent workers serves every epoch (`set_epoch`, shared with the workers).
+    `skip` batches (already consumed by this rank in epoch `epoch`, on resume) are read but not
+    collated. A DataLoader takes batches from workers in turn starting at worker 0, so on resume
+    worker j plays the part of worker (j + skip) mod W: the round robin continues where it stopped."""
 
-    def __init__(self, plan: EpochPlan, *, rank: int, workers: int, seed: int, epoch: int, shuffle: bool,
+    def __init__(self, plan_for, *, rank: int, workers: int, seed: int, epoch: int, shuffle: bool,
                  shuffle_buffer: int, decoder: Decoder, collate: Collate, skip: int = 0, on_error: str = "stop",
-                 limit: int | None = None):
-        self.plan, self.rank, self.workers = plan, rank, max(1, workers)
-        self.seed, self.epoch, self.shuffle, self.buffer = seed, epoch, shuffle, shuffle_buffer
-        self.decoder, self.collate, self.skip, self.on_error, self.limit = decoder, collate, skip, on_error, limit
+                 limit: int | None = None, shared_epoch=None):
+        self.plan_for, self.rank, self.workers = plan_for, rank, max(1, workers)
+        self.seed, self.shuffle, self.buffer = seed, shuffle, shuffle_buffer
+        self.decoder, self.collate, self.on_error, self.limit = decoder, collate, on_error, limit
+        self.skip, self.skip_epoch = skip, epoch
+        self._epoch, self._shared = epoch, shared_epoch  # a multiprocessing Value with persistent workers
+        if shared_epoch is not None:
+            shared_epoch.value = epoch
+        self.plan, self._plan_epoch = plan_for(epoch=epoch), epoch
         self.skipped_shards = 0
+
+    @property
+    def epoch(self) -> int:
+        return self._shared.value if self._shared is not None else self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next iteration reads (in every worker, persistent or not)."""
+        if self._shared is not None:
+            self._shared.value = epoch
+        self._epoch = epoch
+        self._plan_for_epoch(epoch)
+
+    def _plan_for_epoch(self, epoch: int) -> EpochPlan:
+        if epoch != self._plan_epoch:
+            self.plan, self._plan_epoch = self.plan_for(epoch=epoch), epoch
+        return self.plan
 
     def __len__(self) -> int:
         n = self.plan.batches_on_rank(self.rank, self.workers)
@@ -220,9 +244,8 @@ class ShardStream(IterableDataset):
                     raise ShardError(f"no readable samples in {[p.url for p in parts]}")
                 return
 
-    def _batches(self, chunks, rng: np.random.Generator | None):
-        """Chunks -> batches of `batch_size` (the last may be short), through the shuffle buffer if rng."""
-        size = self.plan.batch_size
+    def _batches(self, chunks, size: int, rng: np.random.Generator | None):
+        """Chunks -> batches of `size` (the last may be short), through the shuffle buffer if rng."""
         if rng is not None:
             buffer = ShuffleBuffer(self.buffer, size, rng)
             for chunk in chunks:
@@ -243,23 +266,24 @@ class ShardStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker = 0 if info is None else info.id
-        logical = (worker + self.skip) % self.workers  # continue the round robin (see class doc)
+        epoch = self.epoch
+        plan = self._plan_for_epoch(epoch)
+        skip = self.skip if epoch == self.skip_epoch else 0
+        logical = (worker + skip) % self.workers  # continue the round robin (see class doc)
         slot = self.rank * self.workers + logical
-        need = None if self.plan.batches_per_slot is None else self.plan.batches_per_slot * self.plan.batch_size
-        chunks = self._slot_chunks(self.plan.slots[slot], need)
+        need = None if plan.batches_per_slot is None else plan.batches_per_slot * plan.batch_size
+        chunks = self._slot_chunks(plan.slots[slot], need)
         if self.limit is not None:  # evaluation on the first N samples (one process)
             chunks = _first(chunks, self.limit)
-        rng = np.random.default_rng(derived_seed(self.seed, self.epoch, slot, "buffer")) if self.shuffle else None
-        done = consumed_by_worker(self.skip, logical, self.workers)
-        for index, batch in enumerate(self._batches(chunks, rng)):
+        rng = np.random.default_rng(derived_seed(self.seed, epoch, slot, "buffer")) if self.shuffle else None
+        done = consumed_by_worker(skip, logical, self.workers)
+        self.skipped_shards = 0
+        for index, arrays in enumerate(self._batches(chunks, plan.batch_size, rng)):
             if index >= done:  # batches already consumed before a restart are read, not collated
-                yield self._batch(batch, slot, index)
-
-    def _batch(self, arrays: dict, slot: int, index: int) -> dict:
-        out = self.collate(arrays, derived_seed(self.seed, self.epoch, slot, index))
-        if self.on_error == "skip":  # lets the training loop log how many shards were skipped
-            out["shards_skipped"] = torch.tensor(self.skipped_shards)
-        return out
+                out = self.collate(arrays, derived_seed(self.seed, epoch, slot, index))
+                if self.on_error == "skip":  # lets the training loop log how many shards were skipped
+                    out["shards_skipped"] = torch.tensor(self.skipped_shards)
+                yield out
 
 
 _CONTEXTS: dict = {}
@@ -300,11 +324,13 @@ def _start_helpers_ignoring_stop_signals() -> None:
 def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False, train: bool | None = None,
                 seed: int = 0, epoch: int = 0, shuffle_buffer: int = 2000, num_workers: int = 0,
                 binarize: str = "none", limit: int | None = None, manifest: dict | None = None, rank: int = 0,
-                world_size: int = 1, skip: int = 0, on_error: str = "stop", worker_start: str = "forkserver"
-                ) -> DataLoader:
+                world_size: int = 1, skip: int = 0, on_error: str = "stop", worker_start: str = "forkserver",
+                persistent: bool = False) -> DataLoader:
     """A loader of dict batches {"x": float32 [B, *shape], "y": [B], "factors": [B, F]} over one split
     for one rank and one epoch. `train` (default: = shuffle) gives every rank the same number of full
-    batches; otherwise every sample is read (padded by repeats only with several ranks)."""
+    batches; otherwise every sample is read (padded by repeats only with several ranks).
+    `persistent`: workers live across epochs; move the stream on with `loader.dataset.set_epoch`
+    (starting workers costs ~1 s an epoch, most of a small epoch)."""
     root = str(root)
     manifest = manifest or load_manifest(root)
     entry = manifest["splits"][split]
@@ -312,12 +338,15 @@ def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False
     urls = [shard_url(root, s["name"]) for s in entry["shards"]]
     counts = [s["num_samples"] for s in entry["shards"]]
     workers = min(num_workers, max(1, len(urls) * 64)) if num_workers > 0 else 0
-    plan = plan_epoch(urls, counts, batch_size=batch_size, world_size=world_size, workers=workers, seed=seed,
-                      epoch=epoch, shuffle=shuffle, train=shuffle if train is None else train)
-    stream = ShardStream(plan, rank=rank, workers=workers, seed=seed, epoch=epoch, shuffle=shuffle,
+    plan_for = functools.partial(plan_epoch, urls, counts, batch_size=batch_size, world_size=world_size,
+                                 workers=workers, seed=seed, shuffle=shuffle, train=shuffle if train is None else train)
+    context = worker_context(worker_start) if workers else None
+    persistent = persistent and workers > 0
+    stream = ShardStream(plan_for, rank=rank, workers=workers, seed=seed, epoch=epoch, shuffle=shuffle,
                          shuffle_buffer=shuffle_buffer, decoder=Decoder(entry["shape"], entry["dtype"]),
-                         collate=Collate(manifest["scale"], binarize), skip=skip, on_error=on_error, limit=limit)
-    loader = DataLoader(stream, batch_size=None, num_workers=workers,
-                        multiprocessing_context=worker_context(worker_start) if workers else None)
-    loader.plan = plan  # for reports: dropped / repeated samples
+                         collate=Collate(manifest["scale"], binarize), skip=skip, on_error=on_error, limit=limit,
+                         shared_epoch=context.Value("q", epoch, lock=False) if persistent else None)
+    loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=persistent,
+                        multiprocessing_context=context)
+    loader.plan = stream.plan  # for reports: dropped / repeated samples
     return loader
