@@ -27,6 +27,7 @@ class ShardDataModule(pl.LightningDataModule):
         self._resume: dict | None = None  # this rank's saved position, until its epoch's loader is built
         self.last_plan: EpochPlan | None = None
         self._train_loader: DataLoader | None = None
+        self._val_loader: DataLoader | None = None
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -51,7 +52,7 @@ class ShardDataModule(pl.LightningDataModule):
                              shuffle=train, seed=self.seed, epoch=epoch, shuffle_buffer=self.cfg.shuffle_buffer,
                              num_workers=self.cfg.num_workers, binarize=self.cfg.binarize, manifest=self.manifest,
                              rank=rank, world_size=world, skip=skip, on_error=self.cfg.on_error,
-                             worker_start=self.cfg.worker_start, persistent=train)
+                             worker_start=self.cfg.worker_start, persistent=split != "test")
         if train:
             self.last_plan = loader.plan
         return loader
@@ -71,7 +72,10 @@ class ShardDataModule(pl.LightningDataModule):
         return self._train_loader
 
     def val_dataloader(self):
-        return self._loader("val")
+        """The same loader at every validation, its workers kept alive (the split never changes)."""
+        if self._val_loader is None:
+            self._val_loader = self._loader("val")
+        return self._val_loader
 
     def test_dataloader(self):
         return self._loader("test")
