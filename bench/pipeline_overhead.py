@@ -79,7 +79,8 @@ def bare_loader_rate(root: Path, batch: int, steps: int, warmup: int = 20) -> fl
     torch.manual_seed(0)
     vae = VAE((28, 28), arch="mlp", hidden=[200, 200], latent_dim=50, activation="tanh")
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3, eps=1e-4)
-    batches = iter(make_loader(str(root), "train", batch, shuffle=True))
+    loader = make_loader(str(root), "train", batch, shuffle=True)
+    batches = (b for epoch in range(10**6) for b in (loader.dataset.set_epoch(epoch), loader)[1])
     for i in range(steps + warmup):
         if i == warmup:
             t0 = time.perf_counter()
