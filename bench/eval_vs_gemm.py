@@ -52,7 +52,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--chunk", type=int, help="default: vaepipe eval's (5000 rows per pass on CPU)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                    help="default: vaepipe eval's (on for K >= 1000)")
+                    help="default: vaepipe eval's (on from examples x K >= 5 million)")
     args = ap.parse_args()
     from pipeline.evaluate import default_chunk, evaluate
 
@@ -80,7 +80,7 @@ def main():
     flops = r["examples"] * args.k * 2 * sum(i * o for i, o in LAYERS)
     bound = flops / rate
     print(f"eval K={args.k} on {r['examples']} test images, batch {args.batch_size}, chunk {chunk}, "
-          f"compile {'on' if (args.compile if args.compile is not None else args.k >= 1000) else 'off'}, "
+          f"compile {'on' if r['compiled'] else 'off'}, "
           f"torch threads {torch.get_num_threads()}")
     print(f"{'float32 GEMM rate (decoder shapes)':38s} {rate / 1e9:10.1f} GFLOP/s")
     print(f"{'decoder matmul FLOPs':38s} {flops / 1e12:10.2f} TFLOP")

@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, help="samples per pass (bounds memory; default: 5000/batch on CPU, "
                    "500 on GPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the log-weights (default: on when --k >= 1000; ~20 s once)")
+                   help="torch.compile the log-weights (default: on from examples x K >= 5 million; ~5-20 s once)")
     p.add_argument("--data-root", help="shards folder (default: the one in the checkpoint's config)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")

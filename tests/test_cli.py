@@ -51,6 +51,7 @@ def test_eval_prints_bounds_in_nats(trained_run):
     run_dir, _ = trained_run
     r = json.loads(vaepipe("eval", run_dir / "checkpoints/last.ckpt", "--k", "64", "--limit", "40", "--json").stdout)
     assert r["examples"] == 40 and r["k"] == 64 and r["split"] == "test"
+    assert r["compiled"] is False  # 40 x 64 samples: far below where compiling pays (COMPILE_SAMPLES)
     # Same importance samples: L_K >= their mean log-weight (the ELBO estimate), per example (Jensen).
     assert r["elbo"] <= r["iwae_bound_k64"] and r["nll"] == pytest.approx(-r["iwae_bound_k64"])
     assert 0 < r["nll"] < 4096 * 0.7  # bounded by a coin-flip model's 4096 log 2 = 2839 nats
