@@ -56,41 +56,34 @@ def make_shards(tmp: Path, samples: int) -> tuple[Path, str]:
     return root, name
 
 
-def bare_rate(x_all: torch.Tensor, batch: int, steps: int, warmup: int = 20) -> float:
+def loop_rate(next_x, batch: int, steps: int, warmup: int = 20) -> float:
+    """The bare training loop: encode, ELBO, backward, Adam step on next_x(i), samples/s after warm-up."""
     torch.manual_seed(0)
     vae = VAE((28, 28), arch="mlp", hidden=[200, 200], latent_dim=50, activation="tanh")
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3, eps=1e-4)
-    n = x_all.shape[0] // batch
     for i in range(steps + warmup):
         if i == warmup:
             t0 = time.perf_counter()
-        x = x_all[(i % n) * batch:(i % n + 1) * batch]
+        x = next_x(i)
         mu, logvar = vae.encode(x)
         loss = vae_math.vae_objective(mu, logvar, lambda z: vae.log_px_given_z(x, z))["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     return steps * batch / (time.perf_counter() - t0)
+
+
+def bare_rate(x_all: torch.Tensor, batch: int, steps: int, warmup: int = 20) -> float:
+    n = x_all.shape[0] // batch
+    return loop_rate(lambda i: x_all[(i % n) * batch:(i % n + 1) * batch], batch, steps, warmup)
 
 
 def bare_loader_rate(root: Path, batch: int, steps: int, warmup: int = 20) -> float:
     from pipeline.data.stream import make_loader
 
-    torch.manual_seed(0)
-    vae = VAE((28, 28), arch="mlp", hidden=[200, 200], latent_dim=50, activation="tanh")
-    opt = torch.optim.Adam(vae.parameters(), lr=1e-3, eps=1e-4)
     loader = make_loader(str(root), "train", batch, shuffle=True)
     batches = (b for epoch in range(10**6) for b in (loader.dataset.set_epoch(epoch), loader)[1])
-    for i in range(steps + warmup):
-        if i == warmup:
-            t0 = time.perf_counter()
-        x = next(batches)["x"]
-        mu, logvar = vae.encode(x)
-        loss = vae_math.vae_objective(mu, logvar, lambda z: vae.log_px_given_z(x, z))["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return steps * batch / (time.perf_counter() - t0)
+    return loop_rate(lambda i: next(batches)["x"], batch, steps, warmup)
 
 
 def lightning_rate(x_all: torch.Tensor, batch: int, steps: int, warmup: int = 20) -> float:

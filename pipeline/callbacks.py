@@ -202,4 +202,3 @@ class Throughput(pl.Callback):
     @property
     def samples_per_s(self) -> float | None:
         return self.samples / self.elapsed if self.elapsed > 0 else None
-

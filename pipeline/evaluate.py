@@ -56,25 +56,25 @@ def log_weight_kernel(vae, compile: bool):
     """(x, z, mu, logvar) -> log w = log p(x|z) + log p(z) - log q(z|x), [n, B]. Compiled, the
     decoder's bias + tanh and the likelihood's softplus, product and sums fuse into the matrix
     products' passes: evaluation then runs near this machine's GEMM rate (bench/eval_vs_gemm.py).
-    Compiling takes ~20 s once; without a C++ compiler it falls back to eager, saying so."""
+    Compiling takes 5-20 s once; without a C++ compiler it falls back to eager, saying so."""
 
     def log_w(x, z, mu, logvar):
         return vae_math.log_importance_weights(vae.log_px_given_z(x, z), z, mu, logvar)
 
     if not compile:
         return log_w
-    compiled = torch.compile(log_w, dynamic=False)
-    state = {"fn": compiled}
+    fn = torch.compile(log_w, dynamic=False)
 
     def guarded(*args):
+        nonlocal fn
         try:
-            return state["fn"](*args)
+            return fn(*args)
         except Exception as err:  # inductor needs a working C++ toolchain; eager is always right
-            if state["fn"] is log_w:
+            if fn is log_w:
                 raise
             print(f"note: torch.compile unavailable ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
                   "evaluating eagerly (--no-compile skips the attempt)", file=sys.stderr)
-            state["fn"] = log_w
+            fn = log_w
             return log_w(*args)
 
     return guarded
@@ -98,15 +98,15 @@ def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | 
     if cfg.model.family == "vqvae":
         return evaluate_vq(module, ckpt, split, limit, batch_size, data_root, seed, progress, device)
     chunk = chunk or default_chunk(batch_size, device)
+    root = data_root or cfg.data.root
+    manifest = load_manifest(root)
     if compile is None:
-        root = data_root or cfg.data.root
-        examples = load_manifest(root)["splits"].get(split, {}).get("num_samples", 0)
+        examples = manifest["splits"].get(split, {}).get("num_samples", 0)
         compile = min(examples, limit or examples) * k >= COMPILE_SAMPLES
     kernel = log_weight_kernel(vae, compile)
     torch.manual_seed(seed)
     gen = torch.Generator(device=device).manual_seed(seed)
-    loader = make_loader(data_root or cfg.data.root, split, batch_size, binarize=cfg.data.binarize, limit=limit,
-                         seed=seed)
+    loader = make_loader(root, split, batch_size, binarize=cfg.data.binarize, limit=limit, seed=seed, manifest=manifest)
     k_train = int(cfg.model.k)
     sums = {"elbo": 0.0, "log_px": 0.0, "log_px_sq": 0.0, f"iwae{k_train}": 0.0}
     n, t0 = 0, time.time()

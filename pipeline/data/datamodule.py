@@ -25,9 +25,13 @@ class ShardDataModule(pl.LightningDataModule):
         self.cfg, self.seed = data_cfg, seed
         self.manifest = load_manifest(data_cfg.root)
         self._resume: dict | None = None  # this rank's saved position, until its epoch's loader is built
-        self.last_plan: EpochPlan | None = None
         self._train_loader: DataLoader | None = None
         self._val_loader: DataLoader | None = None
+
+    @property
+    def last_plan(self) -> EpochPlan | None:
+        """The current training epoch's plan (dropped / repeated samples, for reports)."""
+        return self._train_loader.dataset.plan if self._train_loader is not None else None
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -53,8 +57,6 @@ class ShardDataModule(pl.LightningDataModule):
                              num_workers=self.cfg.num_workers, binarize=self.cfg.binarize, manifest=self.manifest,
                              rank=rank, world_size=world, skip=skip, on_error=self.cfg.on_error,
                              worker_start=self.cfg.worker_start, persistent=split != "test")
-        if train:
-            self.last_plan = loader.plan
         return loader
 
     def train_dataloader(self):
@@ -66,9 +68,7 @@ class ShardDataModule(pl.LightningDataModule):
         if self._train_loader is None:
             self._train_loader = self._loader("train", train=True)
         else:
-            stream = self._train_loader.dataset
-            stream.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
-            self.last_plan = stream.plan
+            self._train_loader.dataset.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
         return self._train_loader
 
     def val_dataloader(self):

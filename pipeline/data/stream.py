@@ -179,8 +179,6 @@ class ShardStream(IterableDataset):
         self.decoder, self.collate, self.on_error, self.limit = decoder, collate, on_error, limit
         self.skip, self.skip_epoch = skip, epoch
         self._epoch, self._shared = epoch, shared_epoch  # a multiprocessing Value with persistent workers
-        if shared_epoch is not None:
-            shared_epoch.value = epoch
         self.plan, self._plan_epoch = plan_for(epoch=epoch), epoch
         self.skipped_shards = 0
 
@@ -348,5 +346,4 @@ def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False
                          shared_epoch=context.Value("q", epoch, lock=False) if persistent else None)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=persistent,
                         multiprocessing_context=context)
-    loader.plan = stream.plan  # for reports: dropped / repeated samples
     return loader
