@@ -14,15 +14,22 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-from pipeline import signals
-from pipeline.errors import Preempted
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from pipeline import signals
+from pipeline.checkpoints import load_checkpoint
+from pipeline.errors import Preempted
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """torch.save to a temp file in the same folder, fsync, then rename: a crash mid-write leaves
-    the previous checkpoint intact instead of a truncated file with the final name."""
+    the previous checkpoint intact instead of a truncated file with the final name. Reads (Lightning's
+    resume path) go through the safe loader whatever `weights_only` Lightning passes."""
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        return load_checkpoint(path, map_location=map_location or "cpu")
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         path = Path(path)
@@ -99,7 +106,7 @@ class LastCheckpoint(pl.Callback):
         signals.install()  # `vaepipe fit` did already; this covers other callers of fit()
 
     def save(self, trainer) -> None:
-        trainer.save_checkpoint(self.ckpt_path, weights_only=False)  # every rank calls it; rank 0 writes (atomically)
+        trainer.save_checkpoint(self.ckpt_path)  # full state; every rank calls it, rank 0 writes (atomically)
 
     def on_train_start(self, trainer, module):
         signals.install()  # again: Lightning installed its SIGTERM handler meanwhile

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, load_config, to_yaml
 from pipeline import signals
-from pipeline.errors import ResumeError, ShardError, TrainingDiverged
+from pipeline.errors import ResumeError, ShardError, TrainingDiverged, UnsafeCheckpointError
 from pipeline.data.sources import SOURCE_NAMES
 
 EXAMPLES = """examples:
@@ -309,6 +309,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         sys.exit(run(args))
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, ShardError, ResumeError,
-            TrainingDiverged) as err:
+            TrainingDiverged, UnsafeCheckpointError) as err:
         print(f"vaepipe {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -20,3 +20,7 @@ class Preempted(Exception):
     def __init__(self, step: int, signame: str):
         super().__init__(f"{signame}: stopped at step {step} after saving its checkpoint")
         self.step, self.signame = step, signame
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint that holds objects vaepipe never writes: refused before any of it is unpickled."""

@@ -14,6 +14,8 @@ import torch
 from tqdm import tqdm
 
 from pipeline import vae_math
+from pipeline.checkpoints import load_checkpoint
+from pipeline.errors import UnsafeCheckpointError
 from pipeline.data.location import load_manifest
 from pipeline.data.stream import make_loader
 from pipeline.images import is_image_shape, save_grid, side_by_side
@@ -26,12 +28,18 @@ def load_module(ckpt: str | Path):
         ckpt = ckpt / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
-    try:
-        from pipeline.train import module_class
+    from pipeline.train import module_class
 
-        config = torch.load(str(ckpt), map_location="cpu", weights_only=False, mmap=True)["hyper_parameters"]["config"]
-        cls = module_class(config["model"].get("family", "vae"))
-        module = cls.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=False)
+    try:
+        # One safe read (pipeline/checkpoints.py); the module is rebuilt from the stored config and
+        # given the stored weights, as Lightning's load_from_checkpoint would, without a second read.
+        checkpoint = load_checkpoint(ckpt)
+        hparams = checkpoint["hyper_parameters"]
+        module = module_class(hparams["config"]["model"].get("family", "vae"))(**hparams)
+        module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"])
+    except UnsafeCheckpointError:
+        raise
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError) as err:
         raise ValueError(f"{ckpt} is not a readable vaepipe checkpoint (truncated or foreign?): {err}") from None
     return module.eval()

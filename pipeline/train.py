@@ -14,12 +14,13 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
 from pipeline.callbacks import AtomicCheckpointIO, ImageGrids, LastCheckpoint, RankStates, Throughput
+from pipeline.checkpoints import load_checkpoint
 from pipeline.config import ConfigError, to_yaml
 from pipeline.data.location import is_remote
 from pipeline.data.shards import MANIFEST, prepare
 from pipeline.data.sources import SOURCE_NAMES
 from pipeline.data.datamodule import ShardDataModule
-from pipeline.errors import Preempted, TrainingDiverged
+from pipeline.errors import Preempted, TrainingDiverged, UnsafeCheckpointError
 from pipeline.launch.slurm import requeue_self, under_slurm_batch
 from pipeline.models.vae_module import VAEModule
 from pipeline.tracking import RunFacts, build_logger, finish_wandb, wandb_run_id
@@ -75,7 +76,9 @@ def newest_valid_checkpoint(ckpt_dir: Path) -> str | None:
     best, best_step = None, -1
     for path in sorted([*ckpt_dir.glob("last.ckpt"), *ckpt_dir.glob("step-*.ckpt")]):
         try:
-            step = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"]
+            step = load_checkpoint(path, mmap=True)["global_step"]
+        except UnsafeCheckpointError:
+            raise  # never silently fall back to an older checkpoint: the user must see this file
         except Exception as err:  # noqa: BLE001 - any unreadable file is skipped, and said so
             warnings.warn(f"skipping unreadable checkpoint {path}: {type(err).__name__}: {err}")
             continue
@@ -87,7 +90,7 @@ def newest_valid_checkpoint(ckpt_dir: Path) -> str | None:
 def checkpoint_run_id(ckpt_path: str | None) -> str | None:
     if not ckpt_path:
         return None
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    ckpt = load_checkpoint(ckpt_path, mmap=True)
     return ckpt.get("vaepipe", {}).get("wandb_run_id")
 
 
@@ -99,6 +102,7 @@ def resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> str | None:
     if mode != "auto":
         if not Path(mode).is_file():
             raise FileNotFoundError(f"run.resume={mode}: no such checkpoint")
+        load_checkpoint(mode, mmap=True)  # refused here, before any training set-up, if unsafe
         return mode
     return newest_valid_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
 

@@ -9,6 +9,7 @@ import yaml
 from PIL import Image
 
 from tests.conftest import FAST, vaepipe
+from pipeline.checkpoints import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_fit_writes_run_folder_and_says_where(trained_run):
 
 def test_checkpoint_holds_config_and_state(trained_run):
     run_dir, _ = trained_run
-    ckpt = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(run_dir / "checkpoints/last.ckpt")
     assert ckpt["global_step"] == 12
     assert ckpt["hyper_parameters"]["config"]["data"]["root"]
     assert ckpt["hyper_parameters"]["sample_shape"] == [64, 64]
@@ -76,7 +77,7 @@ def test_fit_resumes_from_run_folder(trained_run, sprites_root, tmp_path):
     proc = vaepipe("fit", f"data.root={sprites_root}", f"run.dir={copy}", "trainer.max_steps=20",
                    "data.batch_size=32", "model.eval_k=4", *FAST)
     assert f"resuming from {copy / 'checkpoints/last.ckpt'}" in proc.stdout
-    ckpt = torch.load(copy / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(copy / "checkpoints/last.ckpt")
     assert ckpt["global_step"] == 20
 
 

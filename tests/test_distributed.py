@@ -15,6 +15,7 @@ import torch
 from pipeline.data.plan import consumed_by_worker, plan_epoch
 from pipeline.data.shards import prepare, read_manifest
 from tests.conftest import ROOT
+from pipeline.checkpoints import load_checkpoint
 
 MODEL = ["model.arch=mlp", "model.hidden=[32]", "model.latent_dim=4", "model.eval_k=3", "logger.backend=csv",
          "trainer.enable_progress_bar=false", "logger.image_every_n_epochs=0", "trainer.log_every_n_steps=1",
@@ -60,7 +61,7 @@ def test_two_processes_and_two_nodes_match_one_process(sprites_root, tmp_path):
     ref = train_losses(tmp_path / "one")
     for name in ("ddp", "nodes"):
         run = train_losses(tmp_path / name)
-        ckpt = torch.load(tmp_path / name / "checkpoints/last.ckpt", weights_only=False)
+        ckpt = load_checkpoint(tmp_path / name / "checkpoints/last.ckpt")
         assert ckpt["global_step"] == steps
         assert [s["world_size"] for s in ckpt["ShardDataModule"]["stream_positions"]] == [2, 2]  # both ranks saved
         # Same global batch (64), different grouping of samples and noise: the mean loss of the last 10
@@ -83,7 +84,7 @@ def test_uneven_shards_more_workers_than_shards(tmp_path):
     # 2 ranks x 3 workers = 6 slots over 4 shards: every rank runs floor(95 / (6 * 5)) = 3 batches per
     # worker, 9 steps per epoch; 90 of 95 samples are read: 5 more dropped than repeated.
     assert [s["num_samples"] for s in read_manifest(root)["splits"]["train"]["shards"]] == [25, 25, 25, 20]
-    ckpt = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=False)
+    ckpt = load_checkpoint(tmp_path / "run/checkpoints/last.ckpt")
     assert ckpt["global_step"] == 2 * 9  # equal steps on both ranks, or DDP would have hung
     dropped, repeated = map(int, re.search(r"(\d+) samples dropped, (\d+) repeated", out).groups())
     assert dropped - repeated == 5

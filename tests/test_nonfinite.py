@@ -6,6 +6,7 @@ import csv
 import torch
 
 from tests.conftest import FAST, vaepipe
+from pipeline.checkpoints import load_checkpoint
 
 
 def fit(root, run_dir, fault, *extra):
@@ -25,7 +26,7 @@ def test_single_bad_steps_are_skipped_and_counted(sprites_root, tmp_path):
         run_dir = tmp_path / fault.replace(":", "_")
         proc = fit(sprites_root, run_dir, fault)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        ckpt = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)
+        ckpt = load_checkpoint(run_dir / "checkpoints/last.ckpt")
         assert ckpt["global_step"] == 10  # the skipped step still counts as a step, with no update
         assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
         assert max(logged(run_dir, "train/nonfinite_steps").values()) == 1.0
@@ -35,6 +36,6 @@ def test_too_many_in_a_row_stop_with_last_good_weights(sprites_root, tmp_path):
     proc = fit(sprites_root, tmp_path / "run", "3:GRADNAN+", "optim.max_nonfinite_steps=4")
     assert proc.returncode == 2
     assert "4 steps in a row had a non-finite gradient" in proc.stderr and "Traceback" not in proc.stderr
-    ckpt = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=False)
+    ckpt = load_checkpoint(tmp_path / "run/checkpoints/last.ckpt")
     assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
     assert ckpt["global_step"] == 7  # steps 3, 4, 5, 6 were skipped; it stopped after the fourth

@@ -13,6 +13,7 @@ from pipeline.data.location import load_manifest
 from pipeline.data.shards import ShardError
 from pipeline.data.stream import make_loader
 from tests.conftest import FAST, vaepipe
+from pipeline.checkpoints import load_checkpoint
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
@@ -67,4 +68,4 @@ def test_fit_streams_from_http(served, tmp_path):
     _, url = served
     vaepipe("fit", f"data.root={url}", f"run.dir={tmp_path / 'run'}", "trainer.max_steps=4", "model.arch=mlp",
             "model.hidden=[16]", "model.latent_dim=2", "model.eval_k=0", "data.batch_size=32", *FAST)
-    assert torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=False)["global_step"] == 4
+    assert load_checkpoint(tmp_path / "run/checkpoints/last.ckpt")["global_step"] == 4

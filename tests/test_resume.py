@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
+from pipeline.checkpoints import load_checkpoint
 
 # 640 samples, batch 32, 2 workers: 20 steps per epoch, so 30 steps cross an epoch boundary.
 STEPS = 30
@@ -26,7 +27,7 @@ def args(root, run_dir, *extra):
 
 
 def weights(run_dir):
-    ckpt = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(run_dir / "checkpoints/last.ckpt")
     assert ckpt["global_step"] == STEPS
     return ckpt["state_dict"], ckpt["optimizer_states"][0]["state"]
 
@@ -78,11 +79,11 @@ def test_interrupted_run_resumes_bit_identical(reference, sprites_root, tmp_path
     first = run(args(sprites_root, run_dir, *extra), env={"VAEPIPE_FAULT": f"{step}:{sig}"}, check=False)
     if sig == "KILL":
         assert first.returncode == -signal.SIGKILL
-        saved = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)["global_step"]
+        saved = load_checkpoint(run_dir / "checkpoints/last.ckpt")["global_step"]
         assert saved < step  # killed before any end-of-run save: a periodic checkpoint is all there is
     else:
         assert first.returncode == 75, first.stderr[-2000:]  # EX_TEMPFAIL: stopped early, resume
-        assert torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)["global_step"] == step
+        assert load_checkpoint(run_dir / "checkpoints/last.ckpt")["global_step"] == step
     second = run(args(sprites_root, run_dir, *extra))
     assert "resuming from" in second.stdout
     assert_identical(run_dir, reference[topology])
@@ -101,7 +102,7 @@ def test_external_signal_at_any_step(reference, sprites_root, tmp_path):
     if proc.returncode == 0:
         pytest.skip("training finished before the signal arrived")  # too fast a machine; nothing to test
     assert proc.returncode == 75, err[-2000:]
-    k = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)["global_step"]
+    k = load_checkpoint(run_dir / "checkpoints/last.ckpt")["global_step"]
     assert 5 <= k < STEPS
     run(args(sprites_root, run_dir))
     assert_identical(run_dir, reference["single"])

@@ -14,6 +14,7 @@ import torch
 
 from tests.conftest import ROOT
 from tests.slurm_cluster import SlurmCluster, missing
+from pipeline.checkpoints import load_checkpoint
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
 
@@ -40,7 +41,7 @@ def submit(cluster, *args, check=True):
 
 
 def final(run_dir):
-    return torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    return load_checkpoint(run_dir / "checkpoints/last.ckpt")
 
 
 @pytest.mark.parametrize("nodes,tasks", [(1, 2), (2, 1)], ids=["1node-2tasks", "2nodes-1task"])

@@ -13,6 +13,7 @@ from pipeline.data.shards import prepare
 from pipeline.tracking import flatten, resolve_wandb_mode, wandb_run_id
 from tests.conftest import vaepipe
 from tests.wandb_records import read_run
+from pipeline.checkpoints import load_checkpoint
 
 MLP = ["model.arch=mlp", "model.hidden=[32]", "model.latent_dim=4", "model.eval_k=3", "data.num_workers=0",
        "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "trainer.accelerator=cpu"]
@@ -110,7 +111,7 @@ def test_same_wandb_run_after_stop_and_resume(sprites_root, tmp_path):
     env = no_wandb_account(tmp_path)
     stopped = vaepipe(*args, env={**env, "VAEPIPE_FAULT": "12:TERM"}, check=False)
     assert stopped.returncode == 75, stopped.stderr[-3000:]
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 12
     run_id = (run / "wandb_run_id").read_text().strip()
     assert ckpt["vaepipe"]["wandb_run_id"] == run_id

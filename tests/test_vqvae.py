@@ -13,6 +13,7 @@ from pipeline import vae_math as vm
 from pipeline.models.components.vq import VectorQuantizer
 from tests.conftest import ROOT, vaepipe
 from tests.test_distributed import free_port
+from pipeline.checkpoints import load_checkpoint
 
 
 def test_quantisation_picks_the_nearest_code():
@@ -113,7 +114,7 @@ def test_vqvae_trains_under_ddp_with_identical_codebooks(sprites_root, tmp_path)
     spreads = [float(r["train/codebook_rank_spread"]) for r in rows if r.get("train/codebook_rank_spread")]
     assert spreads and all(s == 0.0 for s in spreads)  # both ranks hold the same codebook after every epoch
     assert any(r.get("train/perplexity") for r in rows) and any(r.get("val/loss") for r in rows)
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 10
     book = ckpt["state_dict"]["vae.quantizer.codebook"]
     assert book.abs().max() > 1 / 32  # moved away from its init (uniform in +-1/K) by the EMA updates
@@ -127,9 +128,9 @@ def test_vqvae_resumes_like_the_vae(sprites_root, tmp_path):
     stopped = vaepipe(*args, env={"VAEPIPE_FAULT": "4:TERM"}, check=False)
     assert stopped.returncode == 75, stopped.stderr[-2000:]
     vaepipe(*args)
-    resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    resumed = load_checkpoint(run / "checkpoints" / "last.ckpt")
     vaepipe(*args[:2], f"run.dir={tmp_path / 'straight'}", *args[3:])
-    straight = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=False)
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")
     assert resumed["global_step"] == straight["global_step"] == 8
     for key, value in straight["state_dict"].items():  # codebook and EMA statistics included
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
