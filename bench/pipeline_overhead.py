@@ -1,21 +1,24 @@
 """Pipeline overhead: steady-state training samples/s of `vaepipe fit` ÷ a bare PyTorch loop.
 
-    python bench/pipeline_overhead.py [--steps 600] [--batch 100] [--repeats 5] [--workers 0 1]
+    python bench/pipeline_overhead.py [--samples 60000] [--batch 100 20] [--repeats 3]
+                                      [--rows default k1 streaming compiled ...]
 
-All rows train the IWAE paper's 784-200-200-50 tanh MLP VAE with Adam, batch 100, on binarized MNIST
-(../shared/data when present, else random binary 28x28 images of the same size):
-  bare          a Python loop over in-memory float tensors: encode, ELBO, backward, Adam step;
-  bare+loader   the same loop fed by vaepipe's streaming loader (shards, shuffle buffer, 0 workers);
-  lightning     a minimal LightningModule (the same step) on in-memory tensors, nothing else on:
-                Lightning's own per-step cost, the floor under any Lightning pipeline;
-  vaepipe fit   the real thing in a subprocess: shards -> streaming loader -> LightningModule,
-                csv logging every 50 steps, a periodic checkpoint every 500 steps, progress bar on,
-                for each `--workers` value of data.num_workers (0: the loader runs in the training
-                process); throughput from its summary.json (after 20 warm-up steps, validation off).
+All rows train the IWAE paper's 784-200-200-50 tanh MLP VAE with Adam on binarized MNIST
+(../shared/data when present, else random binary 28x28 images of the same size), --samples
+samples per run (steps = samples / batch), for each --batch:
+  bare          a Python loop over in-memory float tensors: encode, ELBO, backward, Adam step
+                (PyTorch's default Adam): the loop a user writes by hand;
+  lightning     a minimal LightningModule (the same step) on in-memory tensors, nothing else on;
+  vaepipe fit   the real thing in a subprocess with its defaults (data.resident=auto: the split on
+                the device; trainer.steps_per_call; model.compile=auto), csv logging every 50 steps,
+                a periodic checkpoint every 500 steps, progress bar on; throughput from its
+                summary.json (after 20 warm-up steps, validation off). Variants change one thing:
+                k1 (trainer.steps_per_call=1), streaming (data.resident=false, 0 loader workers),
+                streaming-w1 (data.resident=false, 1 worker), compiled (model.compile=true).
 The rows alternate `--repeats` times in this one run. The machine is shared and noisy (the same
 loop varies by +-20% from one second to the next), so the table gives the median and the best run
-of each row (noise only ever slows a run down: the best is the steadiest estimate of its cost) and
-both ratios to the bare loop. Target: vaepipe fit / bare >= 0.95.
+of each row (noise only ever slows a run down) and both ratios to the bare loop at the same batch.
+Target: vaepipe fit (defaults) / bare >= 1.0 at batch 100 and at batch 20.
 """
 
 from __future__ import annotations
@@ -78,14 +81,6 @@ def bare_rate(x_all: torch.Tensor, batch: int, steps: int, warmup: int = 20) -> 
     return loop_rate(lambda i: x_all[(i % n) * batch:(i % n + 1) * batch], batch, steps, warmup)
 
 
-def bare_loader_rate(root: Path, batch: int, steps: int, warmup: int = 20) -> float:
-    from pipeline.data.stream import make_loader
-
-    loader = make_loader(str(root), "train", batch, shuffle=True)
-    batches = (b for epoch in range(10**6) for b in (loader.dataset.set_epoch(epoch), loader)[1])
-    return loop_rate(lambda i: next(batches)["x"], batch, steps, warmup)
-
-
 def lightning_rate(x_all: torch.Tensor, batch: int, steps: int, warmup: int = 20) -> float:
     import pytorch_lightning as pl
 
@@ -118,12 +113,23 @@ def lightning_rate(x_all: torch.Tensor, batch: int, steps: int, warmup: int = 20
     return clock.rate
 
 
-def pipeline_rate(root: Path, name: str, run_dir: Path, batch: int, steps: int, workers: int) -> float:
+VARIANTS = {
+    "default": [],
+    "k1": ["trainer.steps_per_call=1"],
+    "streaming": ["data.resident=false", "data.num_workers=0"],
+    "streaming-w1": ["data.resident=false", "data.num_workers=1"],
+    "compiled": ["model.compile=true"],
+    "eager": ["model.compile=false"],
+}
+
+
+def pipeline_rate(root: Path, name: str, run_dir: Path, batch: int, steps: int, extra: list[str],
+                  device: str = "cpu") -> float:
     cmd = [sys.executable, "-m", "pipeline", "fit", "-c", str(ROOT / "configs/vae_mnist.yaml"), f"data.name={name}",
-           f"data.root={root}", "data.binarize=none", f"data.batch_size={batch}", f"data.num_workers={workers}",
-           f"run.dir={run_dir}", "run.resume=never", f"trainer.max_steps={steps}", "trainer.max_epochs=-1",
-           "trainer.limit_val_batches=0", "run.every_n_train_steps=500", "logger.backend=csv", "run.test=false",
-           "logger.image_every_n_epochs=0", "trainer.accelerator=cpu"]
+           f"data.root={root}", "data.binarize=none", f"data.batch_size={batch}", f"run.dir={run_dir}",
+           "run.resume=never", f"trainer.max_steps={steps}", "trainer.max_epochs=-1", "trainer.limit_val_batches=0",
+           "run.every_n_train_steps=500", "logger.backend=csv", "run.test=false", "logger.image_every_n_epochs=0",
+           "optim.eps=1e-4", f"trainer.accelerator={device}", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if proc.returncode != 0:
         raise RuntimeError(f"vaepipe fit failed:\n{proc.stderr[-3000:]}")
@@ -132,38 +138,43 @@ def pipeline_rate(root: Path, name: str, run_dir: Path, batch: int, steps: int, 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch", type=int, default=100)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1], help="data.num_workers values to measure")
+    ap.add_argument("--samples", type=int, default=60_000, help="training samples per run (steps = samples / batch)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[100, 20])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rows", nargs="+", default=["default", "k1", "streaming", "compiled"], choices=list(VARIANTS))
+    ap.add_argument("--no-lightning", action="store_true", help="skip the minimal-Lightning row")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")  # Lightning's advice for the in-memory row (workers, logger)
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    rows = {"bare loop, in-memory tensors": [], "bare loop + vaepipe loader": [], "Lightning floor, in-memory": [],
-            **{f"vaepipe fit, {w} loader worker(s)": [] for w in args.workers}}
+    table = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        samples = 50_000
-        root, name = make_shards(tmp, samples)
+        root, name = make_shards(tmp, 50_000)
         from pipeline.data.stream import make_loader
 
-        x_all = torch.cat([b["x"] for b in make_loader(str(root), "train", 1000, shuffle=False)])[:samples]
-        for r in range(args.repeats):
-            measure = [lambda: bare_rate(x_all, args.batch, args.steps),
-                       lambda: bare_loader_rate(root, args.batch, args.steps),
-                       lambda: lightning_rate(x_all, args.batch, args.steps),
-                       *[lambda w=w: pipeline_rate(root, name, tmp / f"run{r}-{w}", args.batch, args.steps, w)
-                         for w in args.workers]]
-            for what, rate in zip(rows, measure):
-                rows[what].append(rate())
-    bare = rows["bare loop, in-memory tensors"]
-    print(f"MNIST MLP VAE 784-200-200-50, batch {args.batch}, {args.steps} steps x {args.repeats} repeats, "
-          f"torch threads {torch.get_num_threads()}, data {name}")
-    print(f"{'what':34s} {'median':>8s} {'best':>8s} {'ratio (median)':>15s} {'ratio (best)':>13s}   each run")
-    for what, rates in rows.items():
-        med, best = statistics.median(rates), max(rates)
-        print(f"{what:34s} {med:8.0f} {best:8.0f} {med / statistics.median(bare):15.3f} {best / max(bare):13.3f}   "
-              + " ".join(f"{v:.0f}" for v in rates))
+        x_all = torch.cat([b["x"] for b in make_loader(str(root), "train", 1000, shuffle=False)])[:50_000]
+        for batch in args.batch:
+            steps = max(200, args.samples // batch)
+            rows = {"bare loop, in-memory tensors": lambda: bare_rate(x_all, batch, steps)}
+            if not args.no_lightning:
+                rows["Lightning floor, in-memory"] = lambda: lightning_rate(x_all, batch, steps)
+            for v in args.rows:
+                rows[f"vaepipe fit, {v}"] = lambda v=v: pipeline_rate(root, name, tmp / f"run-{batch}-{v}", batch, steps,
+                                                                      VARIANTS[v])
+            rates = {what: [] for what in rows}
+            for _ in range(args.repeats):
+                for what, measure in rows.items():
+                    rates[what].append(measure())
+            table[batch] = (steps, rates)
+    print(f"MNIST MLP VAE 784-200-200-50, {args.repeats} repeats, torch threads {torch.get_num_threads()}, data {name}")
+    for batch, (steps, rates) in table.items():
+        bare = rates["bare loop, in-memory tensors"]
+        print(f"\nbatch {batch}, {steps} steps per run")
+        print(f"{'what':34s} {'median':>8s} {'best':>8s} {'ratio (median)':>15s} {'ratio (best)':>13s}   each run")
+        for what, r in rates.items():
+            med, best = statistics.median(r), max(r)
+            print(f"{what:34s} {med:8.0f} {best:8.0f} {med / statistics.median(bare):15.3f} {best / max(bare):13.3f}   "
+                  + " ".join(f"{v:.0f}" for v in r))
 
 
 if __name__ == "__main__":

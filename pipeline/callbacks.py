@@ -15,6 +15,7 @@ import torch.distributed as dist
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import TQDMProgressBar
 
 from pipeline import signals
 from pipeline.checkpoints import load_checkpoint
@@ -106,7 +107,7 @@ class LastCheckpoint(pl.Callback):
         signals.install()  # `vaepipe fit` did already; this covers other callers of fit()
 
     def save(self, trainer) -> None:
-        trainer.save_checkpoint(self.ckpt_path)  # full state; every rank calls it, rank 0 writes (atomically)
+        trainer.save_checkpoint(self.ckpt_path, False)  # not weights only: the full state; every rank calls it, rank 0 writes (atomically)
 
     def on_train_start(self, trainer, module):
         signals.install()  # again: Lightning installed its SIGTERM handler meanwhile
@@ -190,12 +191,14 @@ class Throughput(pl.Callback):
         self.elapsed = 0.0
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if module.device.type == "cuda" and self.t0 is None and trainer.global_step >= self.warmup:
+            torch.cuda.synchronize()  # once, at the start of the timed window
         now = time.perf_counter()
         if self.t0 is None:
             if trainer.global_step >= self.warmup:
                 self.t0 = now
             return
-        self.samples += len(batch["x"]) * trainer.world_size
+        self.samples += module.samples_last_call  # the call's optimizer steps x batch, all ranks
         self.elapsed = now - self.t0 - self.excluded
 
     def on_validation_start(self, trainer, module):
@@ -206,6 +209,32 @@ class Throughput(pl.Callback):
             self.excluded += time.perf_counter() - self._val_start
         self._val_start = None
 
+    def on_train_end(self, trainer, module):
+        if module.device.type == "cuda" and self.t0 is not None:
+            torch.cuda.synchronize()  # the queued steps belong to the window
+            self.elapsed = time.perf_counter() - self.t0 - self.excluded
+
     @property
     def samples_per_s(self) -> float | None:
         return self.samples / self.elapsed if self.elapsed > 0 else None
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's bar counting optimizer steps, not Lightning batches (a batch is a call of
+    trainer.steps_per_call steps): the count, rate and ETA a user expects."""
+
+    def __init__(self, steps_per_epoch, refresh_rate: int = 10):
+        super().__init__(refresh_rate=refresh_rate)
+        self._steps_per_epoch = steps_per_epoch  # a callable: the datamodule knows it
+
+    @property
+    def total_train_batches(self):
+        return self._steps_per_epoch()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        n = trainer.global_step - trainer.current_epoch * self.total_train_batches
+        bar = self.train_progress_bar
+        if not bar.disable and (n - bar.n >= self.refresh_rate or n >= self.total_train_batches):
+            bar.n = n
+            bar.refresh()
+            bar.set_postfix(self.get_metrics(trainer, module))

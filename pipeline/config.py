@@ -40,6 +40,7 @@ class ModelConfig:
     ema_decay: float = 0.99
     dead_code_threshold: float = 0.0  # EMA: restart codes assigned fewer than this many vectors per step (EMA; 0 = never)
     vq_channels: int = 64  # VQ-VAE conv width
+    compile: Any = "auto"  # torch.compile the training step: auto (on CUDA) | true | false (docs/performance.md)
 
 
 @dataclass
@@ -56,6 +57,8 @@ class DataConfig:
     shard_bytes: int = 64_000_000  # new shard after this many bytes ...
     shard_samples: int = 0  # ... or this many samples (0 = no count limit)
     on_error: str = "stop"  # an unreadable shard: stop (default) | skip (warn, count, go on)
+    resident: Any = "auto"  # auto | true | false: train/val splits held on the training device (data/resident.py)
+    resident_max_gb: float = 0.0  # budget for resident splits per process (0: a quarter of the device's memory)
     worker_start: str = "forkserver"  # how loader workers start: forkserver (safe beside DDP threads) | fork | spawn
 
 
@@ -81,6 +84,7 @@ class TrainerConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     precision: str = "32-true"
+    steps_per_call: int = 16  # optimizer steps per Lightning batch (docs/performance.md); not a Trainer argument
     max_steps: int = -1
     max_epochs: Optional[int] = 5
     limit_train_batches: Any = None
@@ -176,13 +180,15 @@ CHOICES = {
     "data.binarize": ("none", "dynamic", "threshold"),
     "data.on_error": ("stop", "skip"),
     "data.worker_start": ("forkserver", "fork", "spawn"),
+    "data.resident": ("auto", "true", "false"),
+    "model.compile": ("auto", "true", "false"),
     "optim.name": ("adam", "adamw", "sgd"),
     "optim.scheduler": ("none", "cosine", "exponential", "iwae"),
     "logger.backend": ("csv", "wandb", "tensorboard", "none"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
 }
 POSITIVE = ("model.k", "model.latent_dim", "data.batch_size", "data.eval_batch_size", "model.codebook_size",
-            "model.code_dim")
+            "model.code_dim", "trainer.steps_per_call")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -234,6 +240,10 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Dict
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise _explain(err, schema, "interpolation") from None
+    for key in ("data.resident", "model.compile"):  # YAML and dotlists read true/false as booleans
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool):
+            OmegaConf.update(cfg, key, str(value).lower())
     validate(cfg)
     return cfg
 

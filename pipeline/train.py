@@ -11,9 +11,9 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 
-from pipeline.callbacks import AtomicCheckpointIO, ImageGrids, LastCheckpoint, RankStates, Throughput
+from pipeline.callbacks import AtomicCheckpointIO, ImageGrids, LastCheckpoint, RankStates, StepProgressBar, Throughput
 from pipeline.checkpoints import load_checkpoint
 from pipeline.config import ConfigError, to_yaml
 from pipeline.data.location import is_remote
@@ -107,8 +107,51 @@ def resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> str | None:
     return newest_valid_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
 
 
-def trainer_kwargs(cfg: DictConfig) -> dict:
+def planned_world_size(cfg: DictConfig) -> int:
+    """Processes the run will have (trainer.devices x trainer.num_nodes), known before the Trainer."""
+    devices = cfg.trainer.devices
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else 0
+    if isinstance(devices, int):
+        n = gpus if devices == -1 else devices
+    elif str(devices) in ("auto", "-1"):
+        n = gpus or 1
+    else:
+        n = len(devices) if not isinstance(devices, str) else len([d for d in devices.split(",") if d.strip()])
+    return max(1, n) * cfg.trainer.num_nodes
+
+
+def planned_device(cfg: DictConfig) -> torch.device:
+    if cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def steps_per_call(cfg: DictConfig, steps_per_epoch: int, log=print) -> int:
+    """trainer.steps_per_call, lowered to the largest value that divides the step intervals calls
+    must end on: validation every N steps (Lightning counts calls within an epoch) and periodic
+    checkpoints every N steps (counted in global steps, so the epoch's steps too)."""
+    want = cfg.trainer.steps_per_call
+    align = []
+    if isinstance(cfg.trainer.val_check_interval, int):
+        align.append(cfg.trainer.val_check_interval)
+    if cfg.run.every_n_train_steps > 0:
+        align += [cfg.run.every_n_train_steps, steps_per_epoch]
+    k = max(d for d in range(1, want + 1) if all(a % d == 0 for a in align))
+    if k < want and is_primary_process():
+        log(f"steps per call: {k} (trainer.steps_per_call={want} lowered to divide "
+            f"{', '.join(map(str, sorted(set(align))))}: validation / periodic checkpoint intervals, steps per epoch)")
+    return k
+
+
+def trainer_kwargs(cfg: DictConfig, k: int = 1) -> dict:
+    """The Trainer's arguments; step counts given per optimizer step become Lightning batches (calls
+    of k steps); steps_per_call, gradient clipping and limit_train_batches are ours (step engine,
+    datamodule)."""
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
+    for ours in ("steps_per_call", "gradient_clip_val", "limit_train_batches"):
+        kwargs.pop(ours, None)
+    if isinstance(kwargs.get("val_check_interval"), int):
+        kwargs["val_check_interval"] = kwargs["val_check_interval"] // k
     devices = kwargs.get("devices", 1)
     many = kwargs.get("num_nodes", 1) > 1 or (isinstance(devices, int) and devices > 1) or (
         isinstance(devices, (list, str)) and devices not in ("auto", "1", 1) and len(str(devices).split(",")) > 1)
@@ -118,7 +161,8 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, images: ImageGrids, last: LastCheckpoint,
-                  throughput: Throughput, run_id: str | None = None) -> pl.Trainer:
+                  throughput: Throughput, run_id: str | None = None, datamodule: ShardDataModule | None = None,
+                  k: int = 1) -> pl.Trainer:
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}-{step}", monitor=cfg.run.monitor, mode="min",
@@ -130,10 +174,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, images: ImageGrids, last: Last
                                          save_top_k=cfg.run.keep_last, every_n_train_steps=cfg.run.every_n_train_steps,
                                          auto_insert_metric_name=False))
     if cfg.trainer.enable_progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=10))
-    logger = build_logger(cfg, run_dir, run_id)
-    if logger:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
+        callbacks.append(StepProgressBar(lambda: datamodule.steps_per_epoch, refresh_rate=10) if datamodule
+                         else TQDMProgressBar(refresh_rate=10))
+    logger = build_logger(cfg, run_dir, run_id)  # the learning rate is logged with the step metrics (train/lr)
     plugins = [AtomicCheckpointIO()]
     if under_slurm_batch():
         from lightning_fabric.plugins.environments import SLURMEnvironment
@@ -141,7 +184,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, images: ImageGrids, last: Last
         # One owner of requeue: LastCheckpoint saves on SIGUSR1 and fit() requeues; Lightning's own
         # SIGUSR1 handler (hpc_ckpt + scontrol requeue) stays off.
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    return pl.Trainer(**trainer_kwargs(cfg), default_root_dir=str(run_dir), callbacks=callbacks, logger=logger,
+    return pl.Trainer(**trainer_kwargs(cfg, k), default_root_dir=str(run_dir), callbacks=callbacks, logger=logger,
                       plugins=plugins, reload_dataloaders_every_n_epochs=1)  # the same loader, moved on: datamodule
 
 
@@ -158,7 +201,11 @@ def fit(cfg: DictConfig) -> dict:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     ensure_prepared(cfg.data, cfg.run.seed)
-    datamodule = ShardDataModule(cfg.data, seed=cfg.run.seed)
+    primary_log = print if is_primary_process() else (lambda *_: None)
+    datamodule = ShardDataModule(cfg.data, seed=cfg.run.seed, world_size=planned_world_size(cfg), device=planned_device(cfg),
+                                 limit_train_batches=cfg.trainer.limit_train_batches, log=primary_log)
+    k = steps_per_call(cfg, datamodule.steps_per_epoch, log=primary_log)
+    datamodule.set_steps_per_call(k)
     module = module_class(cfg.model.family)(OmegaConf.to_container(cfg, resolve=True), list(datamodule.sample_shape))
     images = ImageGrids(run_dir / "images", cfg.logger.image_every_n_epochs)
     preemption = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt")
@@ -167,7 +214,7 @@ def fit(cfg: DictConfig) -> dict:
     if cfg.logger.backend == "wandb":  # one wandb run per run folder, continued after every restart
         run_id = wandb_run_id(run_dir, checkpoint_run_id(ckpt_path), write=is_primary_process())
     throughput = Throughput()
-    trainer = build_trainer(cfg, run_dir, images, preemption, throughput, run_id)
+    trainer = build_trainer(cfg, run_dir, images, preemption, throughput, run_id, datamodule, k)
     if ckpt_path and is_primary_process():
         print(f"resuming from {ckpt_path}")
     metrics = {}

@@ -103,10 +103,13 @@ def gaussian_log_likelihood(
 
 
 def reparameterize(
-    mu: torch.Tensor, logvar: torch.Tensor, k: int = 1, generator: torch.Generator | None = None
+    mu: torch.Tensor, logvar: torch.Tensor, k: int = 1, generator: torch.Generator | None = None,
+    eps: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """z = mu + sigma * eps, eps ~ N(0, I) (Concepts 11.18, 11.21); returns [K, B, d]."""
-    eps = torch.randn((k, *mu.shape), generator=generator, device=mu.device, dtype=torch.float32)
+    """z = mu + sigma * eps, eps ~ N(0, I) (Concepts 11.18, 11.21); returns [K, B, d]. `eps` [K, B, d]
+    drawn by the caller replaces the draw (a compiled step takes its noise as an input)."""
+    if eps is None:
+        eps = torch.randn((k, *mu.shape), generator=generator, device=mu.device, dtype=torch.float32)
     return mu.float() + torch.exp(0.5 * logvar.float()) * eps
 
 
@@ -165,7 +168,7 @@ ESTIMATORS = ("reparam", "score", "stl", "dreg")
 def vae_objective(
     mu: torch.Tensor, logvar: torch.Tensor, log_px_given_z: "LogLikelihood", *, objective: str = "elbo",
     k: int = 1, beta: float = 1.0, estimator: str = "reparam", generator: torch.Generator | None = None,
-    score_baseline: bool = True,
+    score_baseline: bool = True, eps: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The training objective of the VAE family for one batch, and the terms worth logging.
 
@@ -183,7 +186,8 @@ def vae_objective(
         and of lower variance; the decoder gets the usual sum_k w~_k grad log w_k. With the ELBO
         objective each sample has weight 1 and DReG is STL.
     Returns per-example [B] tensors `recon` (mean_k log p(x|z_k)), `kl`, `elbo` (beta = 1),
-    `iwae` (objective "iwae" only) and the scalar `loss` to minimise (mean over the batch)."""
+    `iwae` (objective "iwae" only) and the scalar `loss` to minimise (mean over the batch).
+    `eps` [K, B, d]: the standard normal noise of the K samples, when drawn by the caller."""
     if objective not in ("elbo", "iwae"):
         raise ValueError(f"model.objective must be 'elbo' or 'iwae', got {objective!r}")
     if estimator not in ESTIMATORS:
@@ -192,7 +196,7 @@ def vae_objective(
     score = estimator == "score"
     path = estimator in ("stl", "dreg")  # path-derivative estimators: q's parameters held in log q
     # The score-function estimator must not differentiate through the sample itself.
-    z = reparameterize(mu.detach(), logvar.detach(), k, generator) if score else reparameterize(mu, logvar, k, generator)
+    z = reparameterize(mu.detach() if score else mu, logvar.detach() if score else logvar, k, generator, eps)
     log_px_z = log_px_given_z(z).float()  # [K, B]
     kl = kl_standard_normal(mu, logvar)
     out = {"recon": log_px_z.mean(0), "kl": kl}

@@ -1,36 +1,116 @@
-"""The LightningDataModule: loaders for the trainer's rank and world size, and every rank's stream
-position in each checkpoint (exact resume, docs/resume.md)."""
+"""The LightningDataModule: the training data as calls of the step engine (resident on the device
+or streamed from shards), for the trainer's rank and world size, and every rank's position in each
+checkpoint (exact resume, docs/resume.md)."""
 
 from __future__ import annotations
+
+import functools
+import math
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from pipeline.data import resident as res
 from pipeline.data.location import load_manifest
-from pipeline.data.plan import EpochPlan
+from pipeline.data.plan import EpochPlan, plan_epoch
 from pipeline.data.stream import make_loader
 from pipeline.errors import ResumeError
 
 
+class StepCalls:
+    """What Lightning iterates in training: one item per call of the step engine, a list of up to
+    `k` consecutive steps' batches (`VAEModule.training_step` makes one optimizer step for each),
+    so Lightning's per-batch machinery is paid once per k optimizer steps. An epoch's calls start
+    at step `first` (on resume) and the last one may be short; `len` counts the calls Lightning
+    already ran in this epoch before a restart (`done_calls`) too, so its epoch ends where ours does."""
+
+    def __init__(self, k: int):
+        self.k, self.first, self.steps, self.done_calls, self.batches = k, 0, 0, 0, None
+
+    def start(self, first: int, steps: int, done_calls: int, batches) -> "StepCalls":
+        self.first, self.steps, self.done_calls, self.batches = first, steps, done_calls, batches
+        return self
+
+    def __len__(self) -> int:
+        return self.done_calls + math.ceil((self.steps - self.first) / self.k)
+
+    def __iter__(self):
+        it, i = iter(self.batches()), self.first
+        while i < self.steps:
+            n = min(self.k, self.steps - i)
+            yield [next(it) for _ in range(n)]
+            i += n
+
+
 class ShardDataModule(pl.LightningDataModule):
-    """train/val/test loaders from a data root, for the trainer's rank and world size.
+    """train/val/test data from a data root, for the trainer's rank and world size.
 
-    Its state (saved in every checkpoint) is each rank's stream position: epoch and batches
-    consumed, gathered from all ranks, with the topology they were computed for. On resume every
-    rank restarts its stream exactly there; a different topology is refused (see docs/resume.md)."""
+    `data.resident` (auto | true | false): train and val splits held on the training device when
+    they fit `data.resident_max_gb` (0: a quarter of the device's memory), else streamed from the
+    shards. Training batches come in calls of `set_steps_per_call(k)` steps (trainer.steps_per_call).
 
-    def __init__(self, data_cfg, seed: int = 0):
+    Its state (saved in every checkpoint) is each rank's position: epoch and steps done in it,
+    gathered from all ranks, with the topology they were computed for. On resume every rank
+    restarts exactly there; a different topology is refused (see docs/resume.md)."""
+
+    def __init__(self, data_cfg, seed: int = 0, *, world_size: int = 1,
+                 device: torch.device | str = "cpu", limit_train_batches=None, log=print):
         super().__init__()
-        self.cfg, self.seed = data_cfg, seed
+        self.cfg, self.seed, self.log_fn = data_cfg, seed, log
         self.manifest = load_manifest(data_cfg.root)
-        self._resume: dict | None = None  # this rank's saved position, until its epoch's loader is built
-        self._train_loader: DataLoader | None = None
-        self._val_loader: DataLoader | None = None
+        self.world_hint, self.device_hint, self.limit = world_size, torch.device(device), limit_train_batches
+        self.resident = self._choose_resident()
+        self._resume: dict | None = None  # this rank's saved position, until its epoch's calls are built
+        self._train_loader: DataLoader | None = None  # streaming only
+        self._train_split: res.ResidentSplit | None = None  # resident only
+        self._calls = StepCalls(1)  # steps per call: set_steps_per_call
+        self._val_loader = None
+
+    # --- which path, how many steps ----------------------------------------------------------------
+
+    def _choose_resident(self) -> bool:
+        mode = str(self.cfg.resident).lower()
+        if mode not in ("auto", "true", "false"):
+            raise ValueError(f"bad value for 'data.resident': {self.cfg.resident!r}; choose auto, true or false")
+        if mode == "false":
+            return False
+        need = sum(res.split_bytes(self.manifest["splits"][s]) for s in ("train", "val") if s in self.manifest["splits"])
+        budget = int(self.cfg.resident_max_gb * res.GIB) if self.cfg.resident_max_gb > 0 else res.default_budget(self.device_hint)
+        fits = need <= budget
+        if mode == "true" and not fits:
+            self.log_fn(f"data.resident=true: train+val take {need / 2**20:.0f} MB, above the budget of "
+                        f"{budget / 2**20:.0f} MB (data.resident_max_gb); loading them anyway")
+        if mode == "auto" and not fits:
+            self.log_fn(f"data: streaming from shards (train+val {need / 2**20:.0f} MB > resident budget "
+                        f"{budget / 2**20:.0f} MB; data.resident_max_gb raises it)")
+        return fits or mode == "true"
+
+    def set_steps_per_call(self, k: int) -> None:
+        self._calls.k = k
+
+    def _limited(self, steps: int) -> int:
+        lim = self.limit
+        if lim is None:
+            return steps
+        return max(1, min(steps, int(lim))) if isinstance(lim, int) or float(lim) > 1 else max(1, int(steps * float(lim)))
+
+    @functools.cached_property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch on every rank (the same for every epoch)."""
+        n, b, w = self.manifest["splits"]["train"]["num_samples"], self.cfg.batch_size, self.world_hint
+        if self.resident:
+            return self._limited(n // (b * w))
+        entry = self.manifest["splits"]["train"]
+        counts = [s["num_samples"] for s in entry["shards"]]
+        workers = min(self.cfg.num_workers, max(1, len(counts) * 64)) if self.cfg.num_workers > 0 else 0
+        plan = plan_epoch([s["name"] for s in entry["shards"]], counts, batch_size=b, world_size=w, workers=workers,
+                          seed=self.seed, epoch=0, shuffle=True, train=True)
+        return self._limited(plan.batches_on_rank(0, workers))
 
     @property
     def last_plan(self) -> EpochPlan | None:
-        """The current training epoch's plan (dropped / repeated samples, for reports)."""
+        """The current training epoch's plan (dropped / repeated samples, for reports; streaming)."""
         return self._train_loader.dataset.plan if self._train_loader is not None else None
 
     @property
@@ -41,53 +121,87 @@ class ShardDataModule(pl.LightningDataModule):
         t = self.trainer
         return (t.global_rank, t.world_size) if t is not None else (0, 1)
 
+    def _device(self) -> torch.device:
+        return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+
     def _topology(self) -> dict:
         _, world = self._rank_world()
-        return {"world_size": world, "num_workers": self.cfg.num_workers, "batch_size": self.cfg.batch_size,
-                "seed": self.seed, "root": str(self.cfg.root)}
+        return {"world_size": world, "num_workers": 0 if self.resident else self.cfg.num_workers,
+                "batch_size": self.cfg.batch_size, "seed": self.seed, "root": str(self.cfg.root),
+                "order": "resident" if self.resident else "stream", "steps_per_epoch": self.steps_per_epoch}
 
-    def _loader(self, split: str, train: bool = False) -> DataLoader:
+    def _check_world(self) -> None:
+        _, world = self._rank_world()
+        if world != self.world_hint:
+            raise ValueError(f"the run has {world} processes but the data plan was made for {self.world_hint} "
+                             "(trainer.devices x trainer.num_nodes): set trainer.devices to a number")
+
+    # --- loaders ------------------------------------------------------------------------------------
+
+    def _stream(self, split: str, train: bool = False, skip: int = 0, epoch: int = 0) -> DataLoader:
         rank, world = self._rank_world()
-        epoch = self.trainer.current_epoch if (train and self.trainer is not None) else 0
-        skip = 0
-        if train and self._resume is not None and self._resume["epoch"] == epoch:
-            skip, self._resume = self._resume["batches"], None
-        loader = make_loader(self.cfg.root, split, self.cfg.batch_size if train else self.cfg.eval_batch_size,
-                             shuffle=train, seed=self.seed, epoch=epoch, shuffle_buffer=self.cfg.shuffle_buffer,
-                             num_workers=self.cfg.num_workers, binarize=self.cfg.binarize, manifest=self.manifest,
-                             rank=rank, world_size=world, skip=skip, on_error=self.cfg.on_error,
-                             worker_start=self.cfg.worker_start, persistent=split != "test")
-        return loader
+        return make_loader(self.cfg.root, split, self.cfg.batch_size if train else self.cfg.eval_batch_size,
+                           shuffle=train, seed=self.seed, epoch=epoch, shuffle_buffer=self.cfg.shuffle_buffer,
+                           num_workers=self.cfg.num_workers, binarize=self.cfg.binarize, manifest=self.manifest,
+                           rank=rank, world_size=world, skip=skip, on_error=self.cfg.on_error,
+                           worker_start=self.cfg.worker_start, persistent=split != "test")
+
+    def _resident(self, split: str, train: bool) -> res.ResidentSplit:
+        rank, world = self._rank_world()
+        data = res.load_split(self.cfg.root, split, self.manifest, self._device(), self.cfg.on_error)
+        return res.ResidentSplit(data, batch_size=self.cfg.batch_size if train else self.cfg.eval_batch_size,
+                                 scale=self.manifest["scale"], binarize=self.cfg.binarize, seed=self.seed, rank=rank,
+                                 world_size=world, train=train, limit_steps=self.steps_per_epoch if train else None)
 
     def train_dataloader(self):
         """Lightning asks at every epoch start (reload_dataloaders_every_n_epochs=1), after its own
-        restart bookkeeping, so the current epoch is right here whatever the resume path. One loader
-        serves the whole run, its workers kept alive (starting them costs ~1 s, most of a small
-        epoch): it is moved to the epoch, and each worker reads that epoch's plan, shuffle and
-        binarisation when Lightning starts the epoch's iteration."""
+        restart bookkeeping, so the current epoch is right here whatever the resume path. One
+        resident split or one streaming loader (its workers kept alive: starting them costs ~1 s,
+        most of a small epoch) serves the whole run, moved to each epoch here."""
+        self._check_world()
+        t = self.trainer
+        epoch = t.current_epoch if t is not None else 0
+        first, done_calls = 0, 0
+        if self._resume is not None and self._resume["epoch"] == epoch:
+            first, self._resume = self._resume["steps"], None
+            done_calls = int(t.fit_loop.epoch_loop.batch_progress.current.processed) if t is not None else 0
+        steps = self.steps_per_epoch
+        if self.resident:
+            if self._train_split is None:
+                self._train_split = self._resident("train", train=True)
+                mb = self._train_split.data.numel() * self._train_split.data.element_size() / 2**20
+                self.log_fn(f"data: train split resident on {self._device()} ({mb:.0f} MB, "
+                            f"{self._train_split.data.shape[0]} samples; {steps} steps of {self.cfg.batch_size} "
+                            f"per epoch, {self._calls.k} per call)")
+            split = self._train_split
+            return self._calls.start(first, steps, done_calls,
+                                     lambda: (split.batch(epoch, i) for i in range(first, steps)))
         if self._train_loader is None:
-            self._train_loader = self._loader("train", train=True)
+            self._train_loader = self._stream("train", train=True, skip=first, epoch=epoch)
         else:
-            self._train_loader.dataset.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
-        return self._train_loader
+            self._train_loader.dataset.set_epoch(epoch)
+        return self._calls.start(first, steps, done_calls, lambda: self._train_loader)
 
     def val_dataloader(self):
-        """The same loader at every validation, its workers kept alive (the split never changes)."""
+        """The same batches at every validation (resident, or a loader whose workers stay alive)."""
         if self._val_loader is None:
-            self._val_loader = self._loader("val")
+            self._val_loader = (res.EvalBatches(self._resident("val", train=False)) if self.resident
+                                else self._stream("val"))
         return self._val_loader
 
     def test_dataloader(self):
-        return self._loader("test")
+        return self._stream("test")
 
     # --- exact resume ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Called on every rank while a checkpoint is assembled: gather all ranks' positions."""
+        """Called on every rank while a checkpoint is assembled: gather all ranks' positions. Every
+        epoch has `steps_per_epoch` steps and every step (a skipped non-finite one too) consumes a
+        batch, so the steps done in the current epoch follow from the global step."""
         t = self.trainer
-        batches = t.fit_loop.epoch_loop.batch_progress.current.processed if t is not None else 0
-        mine = {"rank": self._rank_world()[0], "epoch": t.current_epoch if t is not None else 0,
-                "batches": int(batches), **self._topology()}
+        epoch = t.current_epoch if t is not None else 0
+        steps = t.global_step - epoch * self.steps_per_epoch if t is not None else 0
+        mine = {"rank": self._rank_world()[0], "epoch": epoch, "batches": int(steps), **self._topology()}
         ranks = [mine]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             ranks = [None] * torch.distributed.get_world_size()
@@ -100,13 +214,15 @@ class ShardDataModule(pl.LightningDataModule):
         now = self._topology()
         if not ranks:
             return
-        saved = {k: ranks[0][k] for k in now}
-        if len(ranks) != now["world_size"] or any(saved[k] != now[k] for k in ("world_size", "num_workers", "batch_size", "seed")):
+        names = {"world_size": "world_size", "num_workers": "data.num_workers", "batch_size": "data.batch_size",
+                 "seed": "run.seed", "order": "data order", "steps_per_epoch": "steps per epoch"}
+        saved = {k: ranks[0].get(k) for k in names}
+        if len(ranks) != now["world_size"] or any(saved[k] != now[k] for k in names):
             raise ResumeError(
                 "cannot resume the data stream exactly: the checkpoint was written with "
-                f"world_size={saved['world_size']}, data.num_workers={saved['num_workers']}, "
-                f"data.batch_size={saved['batch_size']}, run.seed={saved['seed']}; this run has "
-                f"world_size={now['world_size']}, data.num_workers={now['num_workers']}, "
-                f"data.batch_size={now['batch_size']}, run.seed={now['seed']}. Resume with the same "
-                "values, or start a new run folder (run.resume=never keeps the old one untouched).")
-        self._resume = {"epoch": ranks[rank]["epoch"], "batches": ranks[rank]["batches"]}
+                + ", ".join(f"{names[k]}={saved[k]}" for k in names) + "; this run has "
+                + ", ".join(f"{names[k]}={now[k]}" for k in names) + " (world_size = trainer.devices x "
+                "trainer.num_nodes; data order: resident or stream, data.resident; steps per epoch: data.batch_size, "
+                "trainer.limit_train_batches). Resume with the same values, or start a new run folder "
+                "(run.resume=never keeps the old one untouched).")
+        self._resume = {"epoch": ranks[rank]["epoch"], "steps": ranks[rank]["batches"]}

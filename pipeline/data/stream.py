@@ -144,10 +144,12 @@ class Collate:
     if asked: `dynamic` draws x ~ Bernoulli(pixel) anew every epoch (the IWAE paper's MNIST) from a
     generator seeded per (seed, epoch, slot, batch), `threshold` keeps x > 0.5."""
 
-    def __init__(self, scale: float, binarize: str = "none"):
-        self.scale, self.binarize = float(scale), binarize
+    def __init__(self, scale: float, binarize: str = "none", raw: bool = False):
+        self.scale, self.binarize, self.raw = float(scale), binarize, raw
 
     def __call__(self, arrays: dict, seed: int = 0) -> dict:
+        if self.raw:  # stored dtype, unscaled (data/resident.py converts on the device)
+            return {"x": torch.from_numpy(arrays["x"].copy())}
         x = torch.from_numpy(arrays["x"].astype(np.float32))  # astype copies: a writable, owned tensor
         if self.scale != 1.0:
             x.mul_(self.scale)
@@ -323,12 +325,13 @@ def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False
                 seed: int = 0, epoch: int = 0, shuffle_buffer: int = 2000, num_workers: int = 0,
                 binarize: str = "none", limit: int | None = None, manifest: dict | None = None, rank: int = 0,
                 world_size: int = 1, skip: int = 0, on_error: str = "stop", worker_start: str = "forkserver",
-                persistent: bool = False) -> DataLoader:
+                persistent: bool = False, raw: bool = False) -> DataLoader:
     """A loader of dict batches {"x": float32 [B, *shape], "y": [B], "factors": [B, F]} over one split
     for one rank and one epoch. `train` (default: = shuffle) gives every rank the same number of full
     batches; otherwise every sample is read (padded by repeats only with several ranks).
     `persistent`: workers live across epochs; move the stream on with `loader.dataset.set_epoch`
-    (starting workers costs ~1 s an epoch, most of a small epoch)."""
+    (starting workers costs ~1 s an epoch, most of a small epoch). `raw`: x in the stored dtype,
+    neither scaled nor binarised."""
     root = str(root)
     manifest = manifest or load_manifest(root)
     entry = manifest["splits"][split]
@@ -342,7 +345,7 @@ def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False
     persistent = persistent and workers > 0
     stream = ShardStream(plan_for, rank=rank, workers=workers, seed=seed, epoch=epoch, shuffle=shuffle,
                          shuffle_buffer=shuffle_buffer, decoder=Decoder(entry["shape"], entry["dtype"]),
-                         collate=Collate(manifest["scale"], binarize), skip=skip, on_error=on_error, limit=limit,
+                         collate=Collate(manifest["scale"], binarize, raw), skip=skip, on_error=on_error, limit=limit,
                          shared_epoch=context.Value("q", epoch, lock=False) if persistent else None)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=persistent,
                         multiprocessing_context=context)

@@ -12,6 +12,7 @@ from pipeline import vae_math
 from pipeline.config import config_object
 from pipeline.data.stream import derived_seed
 from pipeline.models.components.vae import build_vae
+from pipeline.models.step_engine import StepEngine, make_optimizer
 
 
 def iwae_schedule_factor(epoch: int) -> float:
@@ -34,7 +35,13 @@ def _nonfinite_fault() -> tuple[int, str, bool] | None:
 
 
 class VAEModule(pl.LightningModule):
-    """Training, validation and test steps; logs loss, ELBO, reconstruction, KL, IWAE bound, active units."""
+    """Training, validation and test steps; logs loss, ELBO, reconstruction, KL, IWAE bound, active units.
+
+    Training runs on Lightning's manual optimisation: each training batch is a list of K batches
+    (trainer.steps_per_call, data/datamodule.py) and `training_step` makes one optimizer step per
+    batch through the step engine (models/step_engine.py), so Lightning's per-batch machinery is
+    paid once per K steps while everything a user sees (global_step, schedules, logging, skips,
+    checkpoints) stays per optimizer step."""
 
     def __init__(self, config: dict, sample_shape: list[int]):
         super().__init__()
@@ -48,8 +55,10 @@ class VAEModule(pl.LightningModule):
         gen = torch.Generator().manual_seed(self.cfg.run.seed)
         self.register_buffer("fixed_z", self.fixed_prior_draws(gen), persistent=False)
         self._val_mu: list[torch.Tensor] = []
-        self.nonfinite_total = 0  # steps skipped for a non-finite loss or gradient
-        self.nonfinite_in_a_row = 0
+        self.automatic_optimization = False  # the step engine makes the optimizer steps
+        self.engine: StepEngine | None = None  # built at train start, when the optimizer exists
+        self._engine_state: dict | None = None  # from a checkpoint, until the engine exists
+        self.samples_last_call = 0  # for the Throughput callback
         self.diverged: str | None = None
         self._fault = _nonfinite_fault()
         self.val_examples: torch.Tensor | None = None  # first validation inputs, for reconstruction grids
@@ -62,9 +71,16 @@ class VAEModule(pl.LightningModule):
     def fixed_prior_draws(self, gen: torch.Generator) -> torch.Tensor:
         return torch.randn(64, self.cfg.model.latent_dim, generator=gen)
 
-    def training_terms(self, x: torch.Tensor, beta: float, generator: torch.Generator) -> dict:
-        """The loss (scalar) and the per-example or scalar terms logged as train/<name>."""
-        return self.objective(x, beta, generator=generator)[0]
+    def training_terms(self, x: torch.Tensor, beta: float, generator: torch.Generator | None,
+                       eps: torch.Tensor | None = None) -> dict:
+        """The loss (scalar) and the per-example or scalar terms logged as train/<name>; `eps`: the
+        step's noise when drawn by the caller (the compiled step)."""
+        return self.objective(x, beta, generator=generator, eps=eps)[0]
+
+    def compile_supported(self) -> bool:
+        """Whether the step's mathematics compiles as one graph: the VAE family's reparameterised
+        and STL objectives (DReG's gradient hook and the score estimator's baselines stay eager)."""
+        return self.cfg.model.estimator in ("reparam", "stl")
 
     def write_images(self, out_dir, tag: str) -> dict:
         from pipeline.images import write_model_grids
@@ -73,9 +89,9 @@ class VAEModule(pl.LightningModule):
 
     # --- objective --------------------------------------------------------------------------------
 
-    def beta(self) -> float:
+    def beta(self, step: int | None = None) -> float:
         m = self.cfg.model
-        return vae_math.linear_warmup(self.global_step, m.beta_warmup_steps, m.beta)
+        return vae_math.linear_warmup(self.global_step if step is None else step, m.beta_warmup_steps, m.beta)
 
     def generator(self, *key) -> torch.Generator:
         """Noise for one step, a function of (seed, key, rank): no RNG state has to survive a restart
@@ -84,11 +100,12 @@ class VAEModule(pl.LightningModule):
         return torch.Generator(device=self.device).manual_seed(derived_seed(self.cfg.run.seed, *key, rank))
 
     def objective(self, x: torch.Tensor, beta: float, estimator: str | None = None,
-                  generator: torch.Generator | None = None):
+                  generator: torch.Generator | None = None, eps: torch.Tensor | None = None):
         m = self.cfg.model
         mu, logvar = self.vae.encode(x)
         terms = vae_math.vae_objective(mu, logvar, lambda z: self.vae.log_px_given_z(x, z), objective=m.objective,
-                                       k=m.k, beta=beta, estimator=estimator or m.estimator, generator=generator)
+                                       k=m.k, beta=beta, estimator=estimator or m.estimator, generator=generator,
+                                       eps=eps)
         return terms, mu, logvar
 
     def _log_terms(self, stage: str, terms: dict, batch_size: int, on_step: bool) -> None:
@@ -99,70 +116,106 @@ class VAEModule(pl.LightningModule):
 
     # --- steps ------------------------------------------------------------------------------------
 
-    def training_step(self, batch, batch_idx):
-        x = batch["x"]
-        if self.val_examples is None:  # pictures before the first validation (or without one)
-            self.val_examples = x[:32 if x.dim() > 2 else 512].detach().clone()
-        beta = self.beta()
-        terms = self.training_terms(x, beta, self.generator("train", self.global_step))
-        if self._fault_now("NAN"):
-            terms["loss"] = terms["loss"] * float("nan")
-        finite = torch.isfinite(terms["loss"].detach()).float()
-        if self.trainer.world_size > 1:  # every rank must skip together, or DDP's all-reduce hangs
-            finite = self.trainer.strategy.reduce(finite, reduce_op="min")
-        if not finite.item():
-            self._skip_step("loss")
-            return None  # Lightning then runs no backward and no optimiser step
-        if self._logs_this_step():
-            self._log_terms("train", terms, x.shape[0], on_step=True)
-            self.log("train/beta", beta, on_step=True, on_epoch=False, batch_size=x.shape[0])
-            if "shards_skipped" in batch:  # data.on_error=skip: unreadable shards this epoch (per worker)
-                self.log("train/shards_skipped", batch["shards_skipped"].float(), on_step=True, batch_size=1)
-            self.log("loss", terms["loss"], prog_bar=True, on_step=True, on_epoch=False, logger=False)
-        return terms["loss"]
+    def training_step(self, batches, batch_idx):
+        """One call: an optimizer step for each batch of the list (fewer when max_steps ends it)."""
+        trainer = self.trainer
+        progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        rank, world, every = trainer.global_rank, trainer.world_size, trainer.log_every_n_steps
+        done, samples = 0, 0
+        for batch in batches:
+            step = self.global_step
+            if 0 <= trainer.max_steps <= step:
+                break
+            x = batch["x"]
+            if self.val_examples is None:  # pictures before the first validation (or without one)
+                self.val_examples = x[:32 if x.dim() > 2 else 512].detach().clone()
+            beta = self.beta(step)
+            terms = self.engine.step(x, step, beta, rank, world, fault=self._fault_at(step))
+            progress.increment_ready()
+            progress.increment_completed()  # global_step += 1
+            done, samples = done + 1, samples + x.shape[0]
+            if (step + 1) % every == 0:
+                self._log_step(terms, step, beta, batch)
+                if self._check_divergence():
+                    break
+        # Lightning counts one batch per call; its logger step axis (and val metrics) follows
+        # optimizer steps when this counter does.
+        trainer.fit_loop.epoch_loop._batches_that_stepped += max(0, done - 1)
+        self.samples_last_call = samples * world
 
-    def _logs_this_step(self) -> bool:
-        """Whether Lightning writes step metrics to the loggers after this step (every
-        trainer.log_every_n_steps): self.log costs ~1 ms a call on CPU, several times the step of a
-        small model, and values logged on other steps are never written (bench/pipeline_overhead.py)."""
-        connector = getattr(self.trainer, "_logger_connector", None)
-        return True if connector is None else bool(connector.should_update_logs)
+    def _log_step(self, terms: dict, step: int, beta: float, batch: dict) -> None:
+        """Step metrics to the loggers: the one host synchronisation, every trainer.log_every_n_steps."""
+        names = [f"train/{k}" for k in terms if k != "loss"] + ["train/loss", "train/nonfinite_steps"]
+        values = [v.detach().float().mean() for k, v in terms.items() if k != "loss"]
+        values += [terms["loss"].detach().float(), self.engine.skipped.float()]
+        if "shards_skipped" in batch:  # data.on_error=skip: unreadable shards this epoch (per worker)
+            names.append("train/shards_skipped")
+            values.append(batch["shards_skipped"].float())
+        metrics = dict(zip(names, torch.stack(values).tolist()))
+        metrics["train/beta"] = beta
+        metrics["train/lr"] = self.engine.opt.param_groups[0]["lr"]
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+            logger.save()
+        self.log("loss", metrics["train/loss"], prog_bar=True, on_step=True, on_epoch=False, logger=False)
 
-    # --- non-finite guard -------------------------------------------------------------------------
+    # --- the step engine and the non-finite guard -------------------------------------------------
 
-    def _fault_now(self, kind: str) -> bool:
-        if self._fault is None or self._fault[1] != kind:
-            return False
-        step, _, every = self._fault
-        return self.global_step == step or (every and self.global_step > step)
+    def compile_mode(self) -> str | None:
+        """model.compile: auto compiles on CUDA (CUDA graphs: the step's launches replayed as one);
+        on CPU compiling costs more than it saves in a short run, so only when asked."""
+        choice = str(self.cfg.model.compile)
+        if choice == "false" or (choice == "auto" and self.device.type != "cuda"):
+            return None
+        if not self.compile_supported():
+            if choice == "true":
+                print(f"note: model.compile=true: estimator {self.cfg.model.estimator!r} trains eagerly", flush=True)
+            return None
+        return "reduce-overhead" if self.device.type == "cuda" else "default"
 
-    def on_before_optimizer_step(self, optimizer):
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if self._fault_now("GRADNAN") and grads:
-            grads[0].fill_(float("nan"))
-        # Gradients are already all-reduced here, so every rank reaches the same verdict.
-        # The sum of all gradients is non-finite when any element is (inf or nan propagate); it is
-        # also flagged when |sum| > 3e38, gradients a float32 step cannot use anyway. One reduction
-        # per tensor: isfinite or an inf-norm over every element costs ten times more on CPU, ~10%
-        # of a small model's step (bench/pipeline_overhead.py).
-        if grads and not torch.isfinite(torch.stack([g.sum(dtype=torch.float32) for g in grads]).sum()):
-            for p in self.parameters():
-                p.grad = None  # the optimiser skips parameters without a gradient: no update at all
-            self._skip_step("gradient")
-        else:
-            self.nonfinite_in_a_row = 0
+    def on_train_start(self):
+        if self.engine is None:
+            trainer = self.trainer
+            sched = trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
+            self.engine = StepEngine(self, trainer.optimizers[0], sched, clip_val=self.cfg.trainer.gradient_clip_val,
+                                     precision=str(trainer.precision), compile_mode=self.compile_mode())
+            if self._engine_state:
+                self.engine.load_state_dict(self._engine_state)
+        ddp = self.trainer.strategy.model
+        if hasattr(ddp, "require_backward_grad_sync"):
+            ddp.require_backward_grad_sync = False  # the engine averages gradients itself (one all-reduce a step)
 
-    def _skip_step(self, what: str) -> None:
-        self.nonfinite_total += 1
-        self.nonfinite_in_a_row += 1
-        self.log("train/nonfinite_steps", float(self.nonfinite_total), on_step=True, on_epoch=False, batch_size=1)
+    def on_save_checkpoint(self, checkpoint):
+        if self.engine is not None:
+            checkpoint["step_engine"] = self.engine.state_dict()
+
+    def on_load_checkpoint(self, checkpoint):
+        self._engine_state = checkpoint.get("step_engine")
+
+    def _fault_at(self, step: int) -> str | None:
+        if self._fault is None:
+            return None
+        at, kind, every = self._fault
+        return kind if step == at or (every and step > at) else None
+
+    def _check_divergence(self) -> bool:
+        """Stop when optim.max_nonfinite_steps steps in a row were skipped (read from the device
+        here, at logging steps and epoch ends only); the weights of the last good step stay."""
+        longest = int(self.engine.longest.item())
+        self.engine.longest.zero_()
         limit = self.cfg.optim.max_nonfinite_steps
-        if self.nonfinite_in_a_row >= limit:
-            self.diverged = (f"{self.nonfinite_in_a_row} steps in a row had a non-finite {what} (limit "
-                             f"optim.max_nonfinite_steps={limit}) at step {self.global_step}; the weights of the "
-                             "last good step are in checkpoints/last.ckpt. Lower optim.lr, set "
-                             "trainer.gradient_clip_val, or use 32-true precision.")
-            self.trainer.should_stop = True
+        if longest < limit:
+            return False
+        what = "loss" if self.engine.loss_bad.item() else "gradient"
+        self.diverged = (f"{longest} steps in a row had a non-finite {what} (limit optim.max_nonfinite_steps={limit}) "
+                         f"at step {self.global_step}; the weights of the last good step are in "
+                         "checkpoints/last.ckpt. Lower optim.lr, set trainer.gradient_clip_val, or use 32-true precision.")
+        self.trainer.should_stop = True
+        return True
+
+    def on_train_epoch_end(self):
+        if self.engine is not None and not self.diverged:
+            self._check_divergence()
 
     def _eval_step(self, stage: str, batch, batch_idx):
         x = batch["x"]
@@ -203,12 +256,7 @@ class VAEModule(pl.LightningModule):
 
     def configure_optimizers(self):
         o = self.cfg.optim
-        params = self.parameters()
-        if o.name == "sgd":
-            opt = torch.optim.SGD(params, lr=o.lr, momentum=o.betas[0], weight_decay=o.weight_decay)
-        else:
-            cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-            opt = cls(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        opt = make_optimizer(self.parameters(), o)
         if o.scheduler == "none" and o.warmup_steps <= 0:
             return opt
         total = max(1, int(self.trainer.estimated_stepping_batches)) if o.scheduler == "cosine" else 1

@@ -37,8 +37,12 @@ class VQVAEModule(VAEModule):
         return {"loss": loss.mean(), "recon": recon, "codebook": codebook.detach(), "commitment": commitment.detach(),
                 "perplexity": vae_math.codebook_perplexity(counts)}
 
-    def training_terms(self, x: torch.Tensor, beta: float, generator: torch.Generator) -> dict:
+    def training_terms(self, x: torch.Tensor, beta: float, generator: torch.Generator | None,
+                       eps: torch.Tensor | None = None) -> dict:
         return self.vq_terms(x, generator)
+
+    def compile_supported(self) -> bool:
+        return False  # the EMA codebook update (and its all-reduce) runs inside the step
 
     def _eval_step(self, stage: str, batch, batch_idx):
         x = batch["x"]
@@ -47,6 +51,7 @@ class VQVAEModule(VAEModule):
             self.val_examples = x[:32].detach()
 
     def on_train_epoch_end(self):
+        super().on_train_epoch_end()  # the non-finite check
         """Code usage over the epoch, all ranks: perplexity of the usage and codes never chosen.
         Under DDP also the largest difference between ranks' codebooks (0: in sync)."""
         usage = self.vae.quantizer.reset_usage()

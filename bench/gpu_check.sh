@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The GPU check: one command, about 7 minutes on one GPU, nothing beyond the README's set-up.
+#
+#   bash bench/gpu_check.sh            # from the repository root; prints everything, exits 0
+#
+# 1. the tests marked gpu: fp32, bf16-mixed and 16-mixed training with the fast path (resident data,
+#    several steps per call, the compiled step), and exact resume on the GPU;
+# 2. bench/gpu_throughput.py: samples/s fp32 vs bf16-mixed with and without the fast path, the bare
+#    eager loop, and the fraction of the GPU's measured matmul peak;
+# 3. the IWAE paper's VAE k=1 schedule on the fixed binarisation of MNIST for as long as
+#    GPU_CHECK_TRAIN_S seconds allow (default 300; SIGUSR1 then checkpoints and stops it, the
+#    preemption path), and its test NLL with K = 5000 importance samples on the 10 000 test images.
+# Data: VAEPIPE_DATA (default ../shared/data) holding binarized_mnist/binarized_mnist_uint8.npz;
+# without it step 3 is skipped and step 2 uses random binary images. Without a GPU it says so and
+# exits 0. Record what it prints in docs/results.md with the date and the device.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+DATA=${VAEPIPE_DATA:-../shared/data}
+TRAIN_S=${GPU_CHECK_TRAIN_S:-300}
+WORK=${GPU_CHECK_DIR:-$(mktemp -d)}
+export WANDB_MODE=offline PYTHONUNBUFFERED=1
+
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "gpu_check: no CUDA GPU visible to $PY (torch.cuda.is_available() is False): nothing to check"
+  exit 0
+fi
+status=0
+section() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
+section "device"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+"$PY" -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'lightning', pl.__version__)"
+
+section "1. tests marked gpu"
+"$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider || status=1
+
+section "2. throughput"
+"$PY" bench/gpu_throughput.py --data "$DATA/binarized_mnist/binarized_mnist_uint8.npz" || status=1
+
+section "3. IWAE paper VAE k=1, fixed binarisation, ${TRAIN_S} s of its schedule"
+NPZ="$DATA/binarized_mnist/binarized_mnist_uint8.npz"
+if [ -f "$NPZ" ]; then
+  RUN="$WORK/iwae_vae_k1"
+  timeout --signal=USR1 --kill-after=120 "$TRAIN_S" "$PY" -m pipeline fit -c configs/vae_mnist.yaml \
+    -c configs/iwae_paper.yaml model.objective=elbo model.k=1 data.name=binarized-mnist data.binarize=none \
+    data.source="$NPZ" data.root="$WORK/bmnist" run.dir="$RUN" logger.backend=csv trainer.enable_progress_bar=false \
+    run.test=false 2>&1 | grep -v "^Epoch\|it/s\]$" | tail -15
+  code=${PIPESTATUS[0]}
+  echo "fit exit code $code (75: stopped by the time budget after its checkpoint, 0: schedule finished)"
+  "$PY" - "$RUN" <<'EOF'
+import sys
+from pipeline.checkpoints import load_checkpoint
+c = load_checkpoint(f"{sys.argv[1]}/checkpoints/last.ckpt")
+print(f"trained {c['global_step']} steps, {c['epoch']} full epochs of the schedule's 3280")
+EOF
+  "$PY" -m pipeline eval "$RUN" --k 5000 --device cuda || status=1
+else
+  echo "skipped: $NPZ not found (set VAEPIPE_DATA to a folder holding binarized_mnist/)"
+fi
+section "done: status $status"
+exit 0
