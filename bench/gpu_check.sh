@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: one command, about 7 minutes on one GPU, nothing beyond the README's set-up.
+# The GPU check: one command, about 8 minutes on one GPU, nothing beyond the README's set-up.
 #
 #   bash bench/gpu_check.sh            # from the repository root; prints everything, exits 0
 #
@@ -8,16 +8,18 @@
 # 2. bench/gpu_throughput.py: samples/s fp32 vs bf16-mixed with and without the fast path, the bare
 #    eager loop, and the fraction of the GPU's measured matmul peak;
 # 3. the IWAE paper's VAE k=1 schedule on the fixed binarisation of MNIST for as long as
-#    GPU_CHECK_TRAIN_S seconds allow (default 300; SIGUSR1 then checkpoints and stops it, the
+#    GPU_CHECK_TRAIN_S seconds allow (default 120; SIGUSR1 then checkpoints and stops it, the
 #    preemption path), and its test NLL with K = 5000 importance samples on the 10 000 test images.
 # Data: VAEPIPE_DATA (default ../shared/data) holding binarized_mnist/binarized_mnist_uint8.npz;
 # without it step 3 is skipped and step 2 uses random binary images. Without a GPU it says so and
 # exits 0. Record what it prints in docs/results.md with the date and the device.
+# Timing on an H100 (2026-11-27): the tests ~3 min (each training process compiles its step),
+# the throughput rows ~3 min, then the schedule and a few seconds of evaluation.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 DATA=${VAEPIPE_DATA:-../shared/data}
-TRAIN_S=${GPU_CHECK_TRAIN_S:-300}
+TRAIN_S=${GPU_CHECK_TRAIN_S:-120}
 WORK=${GPU_CHECK_DIR:-$(mktemp -d)}
 export WANDB_MODE=offline PYTHONUNBUFFERED=1
 

@@ -92,7 +92,8 @@ def fit_rate(root: Path, name: str, run_dir: Path, batch: int, steps: int, extra
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=100)
-    ap.add_argument("--seconds", type=float, default=8.0, help="rough training time per fast run")
+    ap.add_argument("--steps", type=int, default=5000, help="steps of each fast run (plain runs: a fifth)")
+    ap.add_argument("--seconds", type=float, default=5.0, help="time of the bare loop")
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/binarized_mnist/binarized_mnist_uint8.npz"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -118,13 +119,13 @@ def main():
 
         x_all = torch.cat([b["x"] for b in make_loader(str(root), "train", 1000)]).cuda()
         rows = {"bare eager loop, fp32": bare_rate(x_all, args.batch, args.seconds)}
-        fast_steps = int(250_000 * args.seconds / args.batch)
+        fast_steps = args.steps
         plain = ["data.resident=false", "trainer.steps_per_call=1", "model.compile=false"]
         for precision in ("32-true", "bf16-mixed"):
             rows[f"fit fast, {precision}"] = fit_rate(root, name, tmp / f"fast-{precision}", args.batch, fast_steps,
                                                       [f"trainer.precision={precision}"])
             rows[f"fit plain, {precision}"] = fit_rate(root, name, tmp / f"plain-{precision}", args.batch,
-                                                       max(500, fast_steps // 20), [f"trainer.precision={precision}", *plain])
+                                                       max(500, fast_steps // 5), [f"trainer.precision={precision}", *plain])
     bare = rows["bare eager loop, fp32"]
     print(f"\n{'row':24s} {'samples/s':>10s} {'x bare':>7s} {'TFLOP/s':>8s} {'% bf16 peak':>11s} {'% fp32 peak':>11s}")
     for what, rate in rows.items():

@@ -91,12 +91,15 @@ class LastCheckpoint(pl.Callback):
 
     SIGUSR1 or SIGTERM: all ranks agree on a step, save there and stop. The signal may reach every
     rank (Slurm) or only the process the user launched (a local DDP run): the handler only sets a
-    flag, and after every training step the ranks all-reduce their flags, so all of them see it at
+    flag, and after every training call the ranks all-reduce their flags, so all of them see it at
     the same step. This replaces Lightning's own SIGTERM handling (which kills the child processes
     and stops without a checkpoint) for the duration of training.
 
+    With several steps per call (trainer.steps_per_call) this happens at the end of the call in
+    progress: the checkpoint is at that call's last step.
+
     Fault injection for tests: VAEPIPE_FAULT=STEP:SIGNAL (e.g. 12:TERM, 12:KILL) makes rank 0
-    signal itself after step STEP; KILL takes down its whole process group when it leads one
+    signal itself at the end of the call that made step STEP; KILL takes down its whole process group when it leads one
     (a crashed node), else only itself."""
 
     def __init__(self, ckpt_path: str | Path):
@@ -114,7 +117,7 @@ class LastCheckpoint(pl.Callback):
 
     def _inject_fault(self, trainer):
         step, sig = self.fault
-        if trainer.global_step != step or trainer.global_rank != 0:
+        if trainer.global_step < step or trainer.global_rank != 0:  # at the end of the call that made step STEP
             return
         self.fault = None
         if sig == signal.SIGKILL and os.getpgrp() == os.getpid():

@@ -117,18 +117,24 @@ def build_logger(cfg: DictConfig, run_dir: Path, run_id: str | None = None):
 
 
 def system_facts(trainer: pl.Trainer) -> dict:
+    import importlib.metadata
+
     import torch
-    import wandb
     import webdataset
 
     from pipeline import __version__
+
+    try:  # facts for every logger; wandb itself is needed only by the wandb backend
+        wandb_version = importlib.metadata.version("wandb")
+    except importlib.metadata.PackageNotFoundError:
+        wandb_version = "not installed"
 
     facts = {
         "world_size": trainer.world_size, "num_nodes": trainer.num_nodes, "devices_per_node": trainer.num_devices,
         "precision": str(trainer.precision), "accelerator": type(trainer.accelerator).__name__,
         "strategy": type(trainer.strategy).__name__, "hostname": platform.node(),
         "python": sys.version.split()[0], "torch": torch.__version__, "lightning": pl.__version__,
-        "wandb": wandb.__version__, "webdataset": getattr(webdataset, "__version__", "?"), "vaepipe": __version__,
+        "wandb": wandb_version, "webdataset": getattr(webdataset, "__version__", "?"), "vaepipe": __version__,
         "cuda": torch.version.cuda or "none",
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
     }

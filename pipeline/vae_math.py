@@ -219,7 +219,9 @@ def vae_objective(
         log_w = log_px_z + beta * (log_standard_normal(z) - log_q)
         bound = iwae_bound(log_w)
         # The logged bound is the true L_K (beta = 1) whatever beta or estimator the objective uses.
-        out["iwae"] = (bound if beta == 1.0 else iwae_bound(log_px_z + log_standard_normal(z) - log_q)).detach()
+        # (beta may be a tensor in a compiled step: no data-dependent branch then)
+        same = isinstance(beta, (int, float)) and beta == 1.0
+        out["iwae"] = (bound if same else iwae_bound(log_px_z + log_standard_normal(z) - log_q)).detach()
         if score:
             z0 = mu.unsqueeze(0)
             baseline = (log_px_given_z(z0).float() + beta * (log_standard_normal(z0) - log_normal_diag(z0, mu, logvar))).squeeze(0)

@@ -78,7 +78,8 @@ def test_uneven_shards_more_workers_than_shards(tmp_path):
     root = tmp_path / "gmm"
     prepare("gmm", root, sizes={"train": 95, "val": 11, "test": 10}, shard_samples=25, log=lambda *_: None)
     proc = launch([f"data.root={root}", "data.name=gmm", f"run.dir={tmp_path / 'run'}", "data.batch_size=5",
-                   "data.eval_batch_size=4", "data.num_workers=3", "trainer.devices=2", "trainer.max_epochs=2",
+                   "data.eval_batch_size=4", "data.num_workers=3", "data.resident=false", "trainer.devices=2",
+                   "trainer.max_epochs=2",
                    "model.likelihood=gaussian", *MODEL])
     out, _ = finish(proc, timeout=300)
     # 2 ranks x 3 workers = 6 slots over 4 shards: every rank runs floor(95 / (6 * 5)) = 3 batches per

@@ -106,8 +106,9 @@ def test_fixed_prior_draws_give_the_same_samples_for_the_same_weights(sprites_ro
 
 def test_same_wandb_run_after_stop_and_resume(sprites_root, tmp_path):
     run = tmp_path / "run"
+    # 2 steps per call (10 steps an epoch): the signal after step 12 is acted on at the end of its call, step 12
     args = ["fit", f"data.root={sprites_root}", f"run.dir={run}", "trainer.max_steps=24", "trainer.max_epochs=-1",
-            "logger.mode=offline", "logger.image_every_n_epochs=0", *MLP]
+            "logger.mode=offline", "logger.image_every_n_epochs=0", "trainer.steps_per_call=2", *MLP]
     env = no_wandb_account(tmp_path)
     stopped = vaepipe(*args, env={**env, "VAEPIPE_FAULT": "12:TERM"}, check=False)
     assert stopped.returncode == 75, stopped.stderr[-3000:]

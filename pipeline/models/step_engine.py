@@ -47,6 +47,8 @@ class StepEngine:
         self.scaler = torch.amp.GradScaler(device.type) if str(precision).startswith("16") else None
         self.gen = torch.Generator(device=device)
         self.compiled = None
+        self.beta_t = zero.clone()  # beta as a device tensor for the compiled step: a float input would
+        # be recompiled for every value of a warm-up, or kept on the CPU, which CUDA graphs refuse
         if compile_mode is not None:
             self.compiled = torch.compile(self._terms_from_noise, mode=compile_mode, dynamic=False)
 
@@ -62,7 +64,7 @@ class StepEngine:
         m = self.module.cfg.model
         eps = torch.randn((m.k, x.shape[0], m.latent_dim), generator=self.gen, device=x.device)
         try:
-            return self.compiled(x, eps, beta)
+            return self.compiled(x, eps, self.beta_t.fill_(beta))
         except Exception as err:  # inductor needs a working toolchain; eager is always right
             print(f"note: torch.compile of the training step failed ({type(err).__name__}: "
                   f"{str(err).splitlines()[0][:200] if str(err) else ''}); training eagerly (model.compile=false "
