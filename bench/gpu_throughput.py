@@ -18,9 +18,6 @@ from the layer shapes) by the bf16 and fp32 GEMM rates measured here on 8192^3 p
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,8 +27,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from pipeline.data.shards import prepare  # noqa: E402
+from pipeline_overhead import pipeline_rate  # noqa: E402  (the same `vaepipe fit` command)
 
 LAYERS = [(784, 200), (200, 200), (200, 100), (50, 200), (200, 200), (200, 784)]  # encoder, then decoder
 FLOPS_PER_SAMPLE = 3 * sum(2 * a * b for a, b in LAYERS)  # multiply-adds x 2, forward + backward
@@ -78,15 +76,9 @@ def bare_rate(x: torch.Tensor, batch: int, seconds: float) -> float:
 
 
 def fit_rate(root: Path, name: str, run_dir: Path, batch: int, steps: int, extra: list[str]) -> float:
-    cmd = [sys.executable, "-m", "pipeline", "fit", "-c", str(ROOT / "configs/vae_mnist.yaml"), f"data.name={name}",
-           f"data.root={root}", "data.binarize=none", f"data.batch_size={batch}", f"run.dir={run_dir}",
-           "run.resume=never", f"trainer.max_steps={steps}", "trainer.max_epochs=-1", "trainer.limit_val_batches=0",
-           "logger.backend=csv", "run.test=false", "logger.image_every_n_epochs=0", "optim.eps=1e-4",
-           "trainer.enable_progress_bar=false", "trainer.accelerator=gpu", "trainer.devices=1", *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if proc.returncode != 0:
-        raise RuntimeError(f"vaepipe fit failed:\n{proc.stderr[-3000:]}")
-    return json.loads((run_dir / "summary.json").read_text())["train_samples_per_s"]
+    """bench/pipeline_overhead.py's `vaepipe fit` row on the GPU, without periodic checkpoints."""
+    return pipeline_rate(root, name, run_dir, batch, steps, ["run.every_n_train_steps=0", "trainer.devices=1",
+                                                            "trainer.enable_progress_bar=false", *extra], device="gpu")
 
 
 def main():

@@ -214,9 +214,17 @@ class ShardDataModule(pl.LightningDataModule):
         now = self._topology()
         if not ranks:
             return
+        saved_order = ranks[0].get("order", "stream")  # checkpoints before resident data streamed
+        if str(self.cfg.resident).lower() == "auto" and saved_order != now["order"]:
+            # auto follows the interrupted run's data order: the epoch in progress continues exactly
+            self.resident = saved_order == "resident"
+            self.__dict__.pop("steps_per_epoch", None)
+            self.log_fn(f"data: resuming a run whose data was {'resident' if self.resident else 'streamed'}; "
+                        "keeping that (data.resident=auto)")
+            now = self._topology()
         names = {"world_size": "world_size", "num_workers": "data.num_workers", "batch_size": "data.batch_size",
                  "seed": "run.seed", "order": "data order", "steps_per_epoch": "steps per epoch"}
-        saved = {k: ranks[0].get(k) for k in names}
+        saved = {**now, **{k: ranks[0][k] for k in names if k in ranks[0]}, "order": saved_order}
         if len(ranks) != now["world_size"] or any(saved[k] != now[k] for k in names):
             raise ResumeError(
                 "cannot resume the data stream exactly: the checkpoint was written with "

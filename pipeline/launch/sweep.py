@@ -198,6 +198,8 @@ def results(out_dir: str | Path) -> list[dict]:
         done = json.loads(summary.read_text()) if summary.is_file() else {}
         value = done.get("metrics", {}).get(metric)
         status = "not run" if not done else ("stopped" if done.get("preempted_at") is not None else "done")
+        if status == "done" and value is None:  # finished, but nothing to compare it by
+            status = f"metric {metric} never logged"
         rows.append({"trial": t["index"], **t["params"], metric: value, "status": status, "run_dir": t["run_dir"]})
     worst = math.inf if goal == "minimize" else -math.inf
     rows.sort(key=lambda r: (r[metric] if r[metric] is not None else worst) * (1 if goal == "minimize" else -1))

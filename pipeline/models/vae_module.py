@@ -141,6 +141,14 @@ class VAEModule(pl.LightningModule):
         # Lightning counts one batch per call; its logger step axis (and val metrics) follows
         # optimizer steps when this counter does.
         trainer.fit_loop.epoch_loop._batches_that_stepped += max(0, done - 1)
+        epochs_done = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch + 1 and (
+            self.global_step - trainer.current_epoch * trainer.datamodule.steps_per_epoch
+            >= trainer.datamodule.steps_per_epoch)
+        if 0 <= trainer.max_steps <= self.global_step or epochs_done:
+            # Stopping here (not by Lightning's max_steps/max_epochs checks) makes Lightning validate
+            # after this call unless it validates anyway (once): the run ends with its monitored
+            # metric and best checkpoint also when max_steps falls before the first validation.
+            trainer.should_stop = True
         self.samples_last_call = samples * world
 
     def _log_step(self, terms: dict, step: int, beta: float, batch: dict) -> None:

@@ -1,0 +1,58 @@
+"""A run that ends between validations validates once more on the way out (max_steps before the
+first validation: the sweep's metric, the best checkpoint and summary.json have a value); never
+twice, and never after a stop signal (that path must stay fast)."""
+
+import csv
+import json
+
+from pipeline.launch import sweep as sw
+from tests.conftest import FAST, vaepipe
+
+# sprites: 640 samples, batch 32: 20 steps an epoch
+RUN = ["model.arch=mlp", "model.hidden=[32]", "model.latent_dim=4", "model.eval_k=0", "data.batch_size=32",
+       "trainer.max_epochs=-1", "logger.image_every_n_epochs=0", "run.test=false", "trainer.log_every_n_steps=2",
+       *FAST]
+
+
+def val_steps(run_dir):
+    rows = [r for p in run_dir.glob("logs/*/metrics.csv") for r in csv.DictReader(open(p))]
+    return [int(r["step"]) for r in rows if r.get("val/loss")]
+
+
+def test_max_steps_before_the_first_validation_still_validates(sprites_root, tmp_path):
+    run_dir = tmp_path / "run"
+    vaepipe("fit", f"data.root={sprites_root}", f"run.dir={run_dir}", "trainer.max_steps=12", *RUN)
+    assert len(val_steps(run_dir)) == 1  # once, at the end
+    assert list((run_dir / "checkpoints").glob("best-*.ckpt"))
+    assert json.loads((run_dir / "summary.json").read_text())["metrics"]["val/loss"] > 0
+
+
+def test_no_second_validation_when_one_just_ran(sprites_root, tmp_path):
+    run_dir = tmp_path / "run"
+    vaepipe("fit", f"data.root={sprites_root}", f"run.dir={run_dir}", "trainer.max_steps=12",
+            "trainer.val_check_interval=6", *RUN)
+    assert len(val_steps(run_dir)) == 2  # at steps 6 and 12, not a third time at the end
+    run2 = tmp_path / "epochs"
+    vaepipe("fit", f"data.root={sprites_root}", f"run.dir={run2}", *RUN, "trainer.max_epochs=1")
+    assert len(val_steps(run2)) == 1  # the epoch-end validation is the last one
+
+
+def test_a_signal_stopped_run_does_not_validate(sprites_root, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = vaepipe("fit", f"data.root={sprites_root}", f"run.dir={run_dir}", "trainer.max_steps=16",
+                   "trainer.steps_per_call=4", *RUN, check=False, env={"VAEPIPE_FAULT": "8:TERM"})
+    assert proc.returncode == 75
+    assert val_steps(run_dir) == []
+
+
+def test_sweep_table_says_why_a_metric_is_missing(tmp_path):
+    trials = []
+    for i, metrics in enumerate([{"val/loss": 3.0}, {"train/loss": 1.0}, {"val/loss": 2.0}]):
+        run_dir = tmp_path / f"t{i}"
+        run_dir.mkdir()
+        (run_dir / "summary.json").write_text(json.dumps({"metrics": metrics, "preempted_at": None}))
+        trials.append({"index": i, "params": {"model.beta": i}, "run_dir": str(run_dir)})
+    (tmp_path / "trials.json").write_text(json.dumps({"sweep": "s", "metric": {"name": "val/loss"}, "trials": trials}))
+    rows = sw.results(tmp_path)
+    assert [r["trial"] for r in rows] == [2, 0, 1]  # best first, the one without a value last
+    assert rows[-1]["status"] == "metric val/loss never logged" and rows[0]["status"] == "done"
