@@ -74,6 +74,7 @@ class ShardDataModule(pl.LightningDataModule):
         if mode not in ("auto", "true", "false"):
             raise ValueError(f"bad value for 'data.resident': {self.cfg.resident!r}; choose auto, true or false")
         if mode == "false":
+            self.log_fn("data: streaming from shards (data.resident=false)")
             return False
         need = sum(res.split_bytes(self.manifest["splits"][s]) for s in ("train", "val") if s in self.manifest["splits"])
         budget = int(self.cfg.resident_max_gb * res.GIB) if self.cfg.resident_max_gb > 0 else res.default_budget(self.device_hint)
