@@ -27,6 +27,13 @@ def test_max_steps_before_the_first_validation_still_validates(sprites_root, tmp
     assert json.loads((run_dir / "summary.json").read_text())["metrics"]["val/loss"] > 0
 
 
+def test_final_validation_also_off_the_validation_epochs(sprites_root, tmp_path):
+    run_dir = tmp_path / "run"  # validation every 5 epochs; training ends in the first
+    vaepipe("fit", f"data.root={sprites_root}", f"run.dir={run_dir}", "trainer.max_steps=12",
+            "trainer.check_val_every_n_epoch=5", *RUN)
+    assert len(val_steps(run_dir)) == 1
+
+
 def test_no_second_validation_when_one_just_ran(sprites_root, tmp_path):
     run_dir = tmp_path / "run"
     vaepipe("fit", f"data.root={sprites_root}", f"run.dir={run_dir}", "trainer.max_steps=12",

@@ -149,6 +149,9 @@ class VAEModule(pl.LightningModule):
             # after this call unless it validates anyway (once): the run ends with its monitored
             # metric and best checkpoint also when max_steps falls before the first validation.
             trainer.should_stop = True
+            every = trainer.check_val_every_n_epoch
+            if every and (trainer.current_epoch + 1) % every:
+                trainer.check_val_every_n_epoch = 1  # this epoch is not a validation epoch: the last one is
         self.samples_last_call = samples * world
 
     def _log_step(self, terms: dict, step: int, beta: float, batch: dict) -> None:
