@@ -2,6 +2,7 @@
 Lightning call and the compiled step give the same training as streaming and K = 1."""
 
 import csv
+import math
 
 import pytest
 import torch
@@ -126,3 +127,15 @@ def test_compile_in_fit_trains_and_checkpoints(sprites_root, tmp_path):
     step, weights, _ = final(run_dir)
     assert step == 12 and all(torch.isfinite(w).all() for w in weights.values())
     assert not any("_orig_mod" in k for k in weights)  # the module is not wrapped: checkpoints stay portable
+
+
+def test_schedules_count_optimizer_steps_not_calls(sprites_root, tmp_path):
+    # Cosine over an epoch-limited run (2 epochs of 20 steps) with 8 steps per call: the schedule's
+    # length is 40 optimizer steps, not Lightning's 6 calls.
+    run_dir = tmp_path / "run"
+    vaepipe("fit", f"data.root={sprites_root}", f"run.dir={run_dir}", *RUN, "trainer.max_steps=-1",
+            "trainer.max_epochs=2", "trainer.steps_per_call=8")
+    lr = logged(run_dir, "train/lr")
+    for step in (19, 39):  # logged after step `step`: the scheduler has made step + 1 steps
+        want = 1e-3 * 0.5 * (1 + math.cos(math.pi * (step + 1) / 40))
+        assert lr[step] == pytest.approx(want, rel=1e-6, abs=1e-12), (step, lr[step], want)

@@ -38,9 +38,11 @@ class StepCalls:
     def __iter__(self):
         it, i = iter(self.batches()), self.first
         while i < self.steps:
-            n = min(self.k, self.steps - i)
-            yield [next(it) for _ in range(n)]
-            i += n
+            call = [batch for _, batch in zip(range(min(self.k, self.steps - i)), it)]
+            if not call:
+                return
+            yield call
+            i += len(call)
 
 
 class ShardDataModule(pl.LightningDataModule):

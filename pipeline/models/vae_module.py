@@ -265,12 +265,21 @@ class VAEModule(pl.LightningModule):
 
     # --- optimisation -----------------------------------------------------------------------------
 
+    def total_steps(self) -> int:
+        """Optimizer steps the run will make (Lightning's estimated_stepping_batches counts its
+        batches, which are calls of several steps here)."""
+        t = self.trainer
+        spe = t.datamodule.steps_per_epoch if t.datamodule is not None else t.num_training_batches
+        by_epochs = spe * t.max_epochs if t.max_epochs is not None and t.max_epochs >= 0 else None
+        candidates = [n for n in (t.max_steps if t.max_steps >= 0 else None, by_epochs) if n is not None]
+        return max(1, min(candidates)) if candidates else max(1, int(t.estimated_stepping_batches))
+
     def configure_optimizers(self):
         o = self.cfg.optim
         opt = make_optimizer(self.parameters(), o)
         if o.scheduler == "none" and o.warmup_steps <= 0:
             return opt
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if o.scheduler == "cosine" else 1
+        total = self.total_steps() if o.scheduler == "cosine" else 1
 
         def factor(step: int) -> float:  # one step-wise multiplier: warm-up x schedule
             warm = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps > 0 else 1.0
