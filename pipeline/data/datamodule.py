@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from pipeline.data import resident as res
 from pipeline.data.location import load_manifest
 from pipeline.data.plan import EpochPlan, plan_epoch
-from pipeline.data.stream import make_loader
+from pipeline.data.stream import loader_workers, make_loader
 from pipeline.errors import ResumeError
 
 
@@ -106,7 +106,7 @@ class ShardDataModule(pl.LightningDataModule):
             return self._limited(n // (b * w))
         entry = self.manifest["splits"]["train"]
         counts = [s["num_samples"] for s in entry["shards"]]
-        workers = min(self.cfg.num_workers, max(1, len(counts) * 64)) if self.cfg.num_workers > 0 else 0
+        workers = loader_workers(self.cfg.num_workers, len(counts))
         plan = plan_epoch([s["name"] for s in entry["shards"]], counts, batch_size=b, world_size=w, workers=workers,
                           seed=self.seed, epoch=0, shuffle=True, train=True)
         return self._limited(plan.batches_on_rank(0, workers))

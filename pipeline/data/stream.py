@@ -321,6 +321,11 @@ def _start_helpers_ignoring_stop_signals() -> None:
             signal.signal(s, handler)
 
 
+def loader_workers(num_workers: int, n_shards: int) -> int:
+    """Workers a loader over `n_shards` shards really starts (each shard splits into at most 64 parts)."""
+    return min(num_workers, max(1, n_shards * 64)) if num_workers > 0 else 0
+
+
 def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False, train: bool | None = None,
                 seed: int = 0, epoch: int = 0, shuffle_buffer: int = 2000, num_workers: int = 0,
                 binarize: str = "none", limit: int | None = None, manifest: dict | None = None, rank: int = 0,
@@ -338,7 +343,7 @@ def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False
     check_local_shards(root, entry)
     urls = [shard_url(root, s["name"]) for s in entry["shards"]]
     counts = [s["num_samples"] for s in entry["shards"]]
-    workers = min(num_workers, max(1, len(urls) * 64)) if num_workers > 0 else 0
+    workers = loader_workers(num_workers, len(urls))
     plan_for = functools.partial(plan_epoch, urls, counts, batch_size=batch_size, world_size=world_size,
                                  workers=workers, seed=seed, shuffle=shuffle, train=shuffle if train is None else train)
     context = worker_context(worker_start) if workers else None

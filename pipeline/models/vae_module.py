@@ -108,11 +108,11 @@ class VAEModule(pl.LightningModule):
                                        eps=eps)
         return terms, mu, logvar
 
-    def _log_terms(self, stage: str, terms: dict, batch_size: int, on_step: bool) -> None:
+    def _log_terms(self, stage: str, terms: dict, batch_size: int) -> None:
+        """Validation/test means over the epoch (training steps log through `_log_step`)."""
         metrics = {f"{stage}/{name}": value.mean() for name, value in terms.items() if name != "loss"}
         metrics[f"{stage}/loss"] = terms["loss"]
-        self.log_dict(metrics, on_step=on_step, on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step,
-                      prog_bar=False)
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True, prog_bar=False)
 
     # --- steps ------------------------------------------------------------------------------------
 
@@ -237,7 +237,7 @@ class VAEModule(pl.LightningModule):
             k = self.cfg.model.eval_k
             terms[f"iwae{k}"] = vae_math.importance_sampled_log_px(
                 mu, logvar, lambda z: self.vae.log_px_given_z(x, z), k=k, chunk=k, generator=gen)
-        self._log_terms(stage, terms, x.shape[0], on_step=False)
+        self._log_terms(stage, terms, x.shape[0])
         self._val_mu.append(mu.detach())
         if batch_idx == 0 and stage == "val":  # for the image grids: 32 pictures, or up to 512 points
             self.val_examples = x[:32 if x.dim() > 2 else 512].detach()

@@ -46,7 +46,7 @@ class VQVAEModule(VAEModule):
 
     def _eval_step(self, stage: str, batch, batch_idx):
         x = batch["x"]
-        self._log_terms(stage, self.vq_terms(x), x.shape[0], on_step=False)
+        self._log_terms(stage, self.vq_terms(x), x.shape[0])
         if batch_idx == 0 and stage == "val":
             self.val_examples = x[:32].detach()
 
