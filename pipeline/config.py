@@ -30,6 +30,7 @@ class ModelConfig:
     latent_dim: int = 10
     hidden: list[int] = field(default_factory=lambda: [200, 200])  # MLP widths; [] = linear
     activation: str = "relu"
+    init: str = "torch"  # torch (PyTorch's layer defaults) | iwae (Glorot-uniform, zero biases, output bias = logit of the data mean)
     conv_channels: list[int] = field(default_factory=lambda: [32, 32, 64, 64])
     conv_hidden: int = 256
     eval_k: int = 10  # K of the IWAE bound computed on validation (0 = skip)
@@ -177,6 +178,7 @@ CHOICES = {
     "model.estimator": ("reparam", "score", "stl", "dreg"),
     "model.likelihood": ("bernoulli", "gaussian"),
     "model.arch": ("mlp", "conv"),
+    "model.init": ("torch", "iwae"),
     "data.binarize": ("none", "dynamic", "threshold"),
     "data.on_error": ("stop", "skip"),
     "data.worker_start": ("forkserver", "fork", "spawn"),

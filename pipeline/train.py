@@ -20,6 +20,7 @@ from pipeline.data.location import is_remote
 from pipeline.data.shards import MANIFEST, prepare
 from pipeline.data.sources import SOURCE_NAMES
 from pipeline.data.datamodule import ShardDataModule
+from pipeline.data.resident import pixel_mean
 from pipeline.errors import Preempted, TrainingDiverged, UnsafeCheckpointError
 from pipeline.launch.slurm import requeue_self, under_slurm_batch
 from pipeline.models.vae_module import VAEModule
@@ -210,6 +211,9 @@ def fit(cfg: DictConfig) -> dict:
     images = ImageGrids(run_dir / "images", cfg.logger.image_every_n_epochs)
     preemption = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt")
     ckpt_path = resume_checkpoint(cfg, run_dir / "checkpoints")
+    if ckpt_path is None and cfg.model.init == "iwae" and cfg.model.family == "vae":
+        # The paper's output bias; on resume the checkpoint's weights replace it anyway.
+        module.vae.set_output_bias(pixel_mean(cfg.data.root, datamodule.manifest, cfg.data.binarize, cfg.data.on_error))
     run_id = None
     if cfg.logger.backend == "wandb":  # one wandb run per run folder, continued after every restart
         run_id = wandb_run_id(run_dir, checkpoint_run_id(ckpt_path), write=is_primary_process())

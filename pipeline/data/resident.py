@@ -59,6 +59,13 @@ def load_split(root: str, split: str, manifest: dict, device: torch.device, on_e
     return torch.cat(parts).to(device)
 
 
+def pixel_mean(root: str, manifest: dict, binarize: str = "none", on_error: str = "stop") -> torch.Tensor:
+    """The training split's mean sample in model units (float32, [*shape]): what a decoder's output
+    bias starts from (model.init=iwae). Dynamic binarisation keeps the mean; a threshold does not."""
+    x = load_split(root, "train", manifest, torch.device("cpu"), on_error).float() * float(manifest["scale"])
+    return (x > 0.5).float().mean(0) if binarize == "threshold" else x.mean(0)
+
+
 class ResidentSplit:
     """One split on the device and the batches of one rank, epoch by epoch.
 

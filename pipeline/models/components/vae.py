@@ -17,7 +17,8 @@ class VAE(nn.Module):
 
     def __init__(self, input_shape: tuple[int, ...], *, arch: str = "mlp", latent_dim: int = 50,
                  hidden: list[int] = (200, 200), activation: str = "tanh", conv_channels: list[int] = (32, 32, 64, 64),
-                 conv_hidden: int = 256, likelihood: str = "bernoulli", sigma: float = 1.0, learn_sigma: bool = False):
+                 conv_hidden: int = 256, likelihood: str = "bernoulli", sigma: float = 1.0, learn_sigma: bool = False,
+                 init: str = "torch"):
         super().__init__()
         self.input_shape = tuple(input_shape)
         self.latent_dim = latent_dim
@@ -30,6 +31,10 @@ class VAE(nn.Module):
             self.decoder = ConvDecoder(self.input_shape, list(conv_channels), latent_dim, conv_hidden, activation)
         else:
             raise ValueError(f"model.arch must be 'mlp' or 'conv', got {arch!r}")
+        if init == "iwae":
+            glorot_init(self)
+        elif init != "torch":
+            raise ValueError(f"model.init must be 'torch' or 'iwae', got {init!r}")
         if likelihood not in ("bernoulli", "gaussian"):
             raise ValueError(f"model.likelihood must be 'bernoulli' or 'gaussian', got {likelihood!r}")
         # Gaussian decoder N(f(z), sigma^2 I): sigma weighs reconstruction against KL (Concept 11.20).
@@ -64,10 +69,36 @@ class VAE(nn.Module):
             return vae_math.bernoulli_log_likelihood(x, out, self.event_dims)
         return vae_math.gaussian_log_likelihood(x, out, vae_math.bound_logvar(self.log_sigma2), self.event_dims)
 
+    def set_output_bias(self, pixel_mean: torch.Tensor) -> None:
+        """The IWAE paper's output bias: the decoder starts at the data's mean image, logit(mean)
+        for Bernoulli (clipped to [0.001, 0.999] as in the authors' code), the mean for Gaussian."""
+        out = output_layer(self.decoder)
+        m = pixel_mean.to(out.bias)
+        # A convolutional output layer has one bias per channel: the channel's mean.
+        m = m.reshape(-1) if m.numel() == out.bias.numel() else m.reshape(out.bias.numel(), -1).mean(1)
+        with torch.no_grad():
+            out.bias.copy_(torch.logit(m.clamp(0.001, 0.999)) if self.likelihood == "bernoulli" else m)
+
     def mean(self, z: torch.Tensor) -> torch.Tensor:
         """E[x|z]: pixel probabilities (Bernoulli) or the mean (Gaussian); for pictures of samples."""
         out = self.decode(z).float()
         return torch.sigmoid(out) if self.likelihood == "bernoulli" else out
+
+
+def glorot_init(module: nn.Module) -> None:
+    """Glorot-uniform weights (+-sqrt(6 / (fan_in + fan_out))) and zero biases for every linear and
+    convolutional layer: the IWAE paper's initialisation."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.xavier_uniform_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
+def output_layer(decoder: nn.Module) -> nn.Module:
+    """The decoder's last layer with a bias of one entry per pixel (its output layer)."""
+    layers = [m for m in decoder.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))]
+    return layers[-1]
 
 
 def build_vae(model_cfg, input_shape: tuple[int, ...]) -> VAE:
@@ -75,4 +106,4 @@ def build_vae(model_cfg, input_shape: tuple[int, ...]) -> VAE:
     return VAE(input_shape, arch=model_cfg.arch, latent_dim=model_cfg.latent_dim, hidden=list(model_cfg.hidden),
                activation=model_cfg.activation, conv_channels=list(model_cfg.conv_channels),
                conv_hidden=model_cfg.conv_hidden, likelihood=model_cfg.likelihood, sigma=model_cfg.sigma,
-               learn_sigma=model_cfg.learn_sigma)
+               learn_sigma=model_cfg.learn_sigma, init=model_cfg.init)
