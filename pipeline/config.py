@@ -27,7 +27,10 @@ class ModelConfig:
     sigma: float = 1.0  # Gaussian decoder std: fixed value, or initial value when learn_sigma
     learn_sigma: bool = False
     arch: str = "conv"  # conv (64x64 images) | mlp
-    latent_dim: int = 10
+    latent_dim: int = 10  # the top (prior's) stochastic layer
+    stochastic_layers: int = 1  # 1 | 2 (the IWAE paper's second model, arch mlp: x - hidden - latent1_dim - hidden2 - latent_dim)
+    latent1_dim: int = 100  # two stochastic layers: the middle layer z1
+    hidden2: list[int] = field(default_factory=lambda: [100, 100])  # two stochastic layers: widths between z1 and z2
     hidden: list[int] = field(default_factory=lambda: [200, 200])  # MLP widths; [] = linear
     activation: str = "relu"
     init: str = "torch"  # torch (PyTorch's layer defaults) | iwae (Glorot-uniform, zero biases, output bias = logit of the data mean)
@@ -204,6 +207,16 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"bad value for '{key}': {OmegaConf.select(cfg, key)}; it must be >= 1")
     if cfg.model.beta < 0:
         raise ConfigError(f"bad value for 'model.beta': {cfg.model.beta}; it must be >= 0")
+    m = cfg.model
+    if m.stochastic_layers not in (1, 2):
+        raise ConfigError(f"bad value for 'model.stochastic_layers': {m.stochastic_layers}; choose 1 or 2")
+    if m.stochastic_layers == 2:
+        if m.family != "vae" or m.arch != "mlp":
+            raise ConfigError("model.stochastic_layers=2 is the IWAE paper's fully connected model: it needs "
+                              f"model.family=vae and model.arch=mlp (got {m.family}, {m.arch})")
+        if m.estimator not in ("reparam", "stl"):
+            raise ConfigError(f"bad value for 'model.estimator': {m.estimator!r}; with model.stochastic_layers=2 "
+                              "choose reparam or stl")
 
 
 def _separate_sweep_trial(cfg: DictConfig) -> None:

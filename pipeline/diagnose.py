@@ -42,6 +42,8 @@ def gradient_variance(ckpt, samples: int = 50, batch_size: int = 100, split: str
         raise ValueError(f"{ckpt}: gradient estimators apply to the VAE family, not model.family={cfg.model.family}")
     objective, k = objective or cfg.model.objective, k or int(cfg.model.k)
     x = _first_batch(cfg, split, batch_size, data_root, seed)
+    if vae.stochastic_layers == 2:  # the score-function and DReG estimators are one-layer only
+        estimators = [e for e in estimators if ESTIMATOR_SETTINGS[e][0] in ("reparam", "stl")]
     params = [(n, p) for n, p in vae.named_parameters() if p.requires_grad]
     report = {"objective": objective, "k": k, "samples": samples, "batch": x.shape[0], "estimators": {}}
     for name in estimators:
@@ -50,10 +52,8 @@ def gradient_variance(ckpt, samples: int = 50, batch_size: int = 100, split: str
         draws = {n: [] for n, _ in params}
         for _ in range(samples):
             vae.zero_grad(set_to_none=True)
-            mu, logvar = vae.encode(x)
-            out = vae_math.vae_objective(mu, logvar, lambda z: vae.log_px_given_z(x, z), objective=objective, k=k,
-                                         beta=float(cfg.model.beta), estimator=estimator, generator=gen,
-                                         score_baseline=baseline)
+            out, _, _ = vae.objective(x, objective=objective, k=k, beta=float(cfg.model.beta), estimator=estimator,
+                                      generator=gen, score_baseline=baseline)
             out["loss"].backward()
             for n, p in params:
                 draws[n].append(p.grad.detach().flatten().clone() if p.grad is not None else torch.zeros(p.numel()))
@@ -63,7 +63,7 @@ def gradient_variance(ckpt, samples: int = 50, batch_size: int = 100, split: str
             g = torch.stack(g).double()
             var, mean = g.var(0), g.mean(0)
             per_param[n] = {"variance": float(var.mean()), "mean_norm": float(mean.norm())}
-            part = "encoder" if n.startswith("encoder") else "decoder"
+            part = "encoder" if n.startswith(("encoder", "q2")) else "decoder"
             totals[part][0] += float(var.sum())
             totals[part][1] += float(mean.pow(2).sum())
             totals[part][2] += g.shape[1]
@@ -102,6 +102,9 @@ def amortization_gap(ckpt, limit: int = 1000, split: str = "test", steps: int = 
     cfg, vae = module.cfg, module.vae
     if cfg.model.family != "vae":
         raise ValueError(f"{ckpt}: the amortisation gap needs an amortised Gaussian encoder (model.family=vae)")
+    if vae.stochastic_layers != 1:
+        raise ValueError(f"{ckpt}: the amortisation gap optimises one Gaussian q_i per example; this model has "
+                         f"{vae.stochastic_layers} stochastic layers (use `vaepipe eval` for its log p(x) and ELBO)")
     vae.requires_grad_(False)  # only the local variational parameters move
     loader = make_loader(data_root or cfg.data.root, split, batch_size, binarize=cfg.data.binarize, limit=limit,
                          seed=seed)

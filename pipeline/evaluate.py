@@ -127,16 +127,20 @@ def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | 
             factors.append(batch["factors"])
         log_w_sum = torch.zeros(x.shape[0], device=device)
 
+        def draw(m):
+            if vae.stochastic_layers == 2:  # ancestral samples through q(z1|x) q(z2|z1)
+                return vae.log_weights(x, m, gen)
+            z = vae_math.reparameterize(mu, logvar, m, gen)
+            return kernel(x, z, mu, logvar)
+
         def log_w(m):
             nonlocal log_w_sum
-            z = vae_math.reparameterize(mu, logvar, m, gen)
-            lw = kernel(x, z, mu, logvar)
+            lw = draw(m)
             log_w_sum += lw.sum(0)
             return lw
 
         log_px = vae_math.log_mean_exp_chunked(log_w, k, chunk)
-        z = vae_math.reparameterize(mu, logvar, k_train, gen)
-        bound = vae_math.iwae_bound(vae_math.log_importance_weights(vae.log_px_given_z(x, z), z, mu, logvar))
+        bound = vae_math.iwae_bound(draw(k_train))
         sums["elbo"] += float((log_w_sum / k).sum())
         sums["log_px"] += float(log_px.sum())
         sums["log_px_sq"] += float(log_px.pow(2).sum())

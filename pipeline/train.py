@@ -196,6 +196,9 @@ def fit(cfg: DictConfig) -> dict:
     # deprecation inside Lightning itself.
     warnings.filterwarnings("ignore", message=".*The `srun` command is available on your system")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
+    # The step engine checkpoints between optimizer steps, never inside one: Lightning's advice about
+    # saving "pre-optimization state" under manual optimisation does not apply.
+    warnings.filterwarnings("ignore", message=".*Using ModelCheckpoint with manual optimization")
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_primary_process():

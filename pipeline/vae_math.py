@@ -237,6 +237,48 @@ def vae_objective(
     return out
 
 
+# --- two stochastic layers (Burda et al. 2016, section 5: x <- z1 <- z2) ----------------------------
+
+
+@float32
+def hierarchical_log_terms(
+    log_px_z1: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, q1: tuple, q2: tuple, p1: tuple,
+    hold_q: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The parts of the log-weight of a two-layer model, each [K, B]:
+        log w = log p(x|z1) + [log p(z1|z2) + log p(z2)] - [log q(z1|x) + log q(z2|z1)]
+    with z1 ~ q(z1|x), z2 ~ q(z2|z1). q1, q2, p1: (mu, logvar) of q(z1|x), q(z2|z1), p(z1|z2) at
+    the samples; p(z2) = N(0, I). hold_q: q's parameters held constant inside log q (STL).
+    Returns (log p(x|z1), log p(z1, z2), log q(z1, z2|x))."""
+    if hold_q:
+        q1, q2 = tuple(t.detach() for t in q1), tuple(t.detach() for t in q2)
+    log_prior = log_normal_diag(z1, *p1) + log_standard_normal(z2)
+    log_q = log_normal_diag(z1, *q1) + log_normal_diag(z2, *q2)
+    return log_px_z1, log_prior, log_q
+
+
+@float32
+def monte_carlo_objective(log_px_z: torch.Tensor, log_prior: torch.Tensor, log_q: torch.Tensor, *,
+                          objective: str = "elbo", beta: float = 1.0) -> dict[str, torch.Tensor]:
+    """The VAE family's objective from K samples' log-weight parts ([K, B] each), for models whose
+    KL has no closed form (two stochastic layers). Same keys as `vae_objective`: `recon`, `kl`
+    (its Monte Carlo estimate), `elbo`, `iwae` (objective "iwae"), `loss`; beta weighs
+    log p(z) - log q as in `vae_objective`."""
+    if objective not in ("elbo", "iwae"):
+        raise ValueError(f"model.objective must be 'elbo' or 'iwae', got {objective!r}")
+    log_w = log_px_z + beta * (log_prior - log_q)
+    out = {"recon": log_px_z.mean(0), "kl": (log_q - log_prior).mean(0)}
+    out["elbo"] = out["recon"] - out["kl"]
+    if objective == "elbo":
+        value = log_w.mean(0)
+    else:
+        value = iwae_bound(log_w)
+        same = isinstance(beta, (int, float)) and beta == 1.0
+        out["iwae"] = (value if same else iwae_bound(log_px_z + log_prior - log_q)).detach()
+    out["loss"] = -value.mean()
+    return out
+
+
 # --- log p(x) estimators (Concepts 11.6-11.9) -----------------------------------------------------
 
 

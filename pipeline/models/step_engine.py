@@ -62,7 +62,7 @@ class StepEngine:
         if self.compiled is None:
             return self.module.training_terms(x, beta, self.gen)
         m = self.module.cfg.model
-        eps = torch.randn((m.k, x.shape[0], m.latent_dim), generator=self.gen, device=x.device)
+        eps = torch.randn((m.k, x.shape[0], self.module.vae.noise_dim), generator=self.gen, device=x.device)
         try:
             return self.compiled(x, eps, self.beta_t.fill_(beta))
         except Exception as err:  # inductor needs a working toolchain; eager is always right

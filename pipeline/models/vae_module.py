@@ -101,12 +101,10 @@ class VAEModule(pl.LightningModule):
 
     def objective(self, x: torch.Tensor, beta: float, estimator: str | None = None,
                   generator: torch.Generator | None = None, eps: torch.Tensor | None = None):
+        """(terms, mu, logvar): the network's objective (one or two stochastic layers) for a batch."""
         m = self.cfg.model
-        mu, logvar = self.vae.encode(x)
-        terms = vae_math.vae_objective(mu, logvar, lambda z: self.vae.log_px_given_z(x, z), objective=m.objective,
-                                       k=m.k, beta=beta, estimator=estimator or m.estimator, generator=generator,
-                                       eps=eps)
-        return terms, mu, logvar
+        return self.vae.objective(x, objective=m.objective, k=m.k, beta=beta, estimator=estimator or m.estimator,
+                                  generator=generator, eps=eps)
 
     def _log_terms(self, stage: str, terms: dict, batch_size: int) -> None:
         """Validation/test means over the epoch (training steps log through `_log_step`)."""
@@ -235,8 +233,8 @@ class VAEModule(pl.LightningModule):
         terms, mu, logvar = self.objective(x, self.cfg.model.beta, estimator="reparam", generator=gen)
         if self.cfg.model.eval_k > 0:
             k = self.cfg.model.eval_k
-            terms[f"iwae{k}"] = vae_math.importance_sampled_log_px(
-                mu, logvar, lambda z: self.vae.log_px_given_z(x, z), k=k, chunk=k, generator=gen)
+            with torch.no_grad():
+                terms[f"iwae{k}"] = vae_math.iwae_bound(self.vae.log_weights(x, k, gen))
         self._log_terms(stage, terms, x.shape[0])
         self._val_mu.append(mu.detach())
         if batch_idx == 0 and stage == "val":  # for the image grids: 32 pictures, or up to 512 points

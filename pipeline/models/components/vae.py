@@ -9,11 +9,17 @@ from torch import nn
 
 from pipeline import vae_math
 from pipeline.models.components.conv import ConvDecoder, ConvEncoder
-from pipeline.models.components.mlp import MLPDecoder, MLPEncoder
+from pipeline.models.components.mlp import MLPDecoder, MLPEncoder, mlp
 
 
 class VAE(nn.Module):
-    """Networks plus the likelihood they parameterise; the objectives live in `pipeline.vae_math`."""
+    """Networks plus the likelihood they parameterise; the objectives live in `pipeline.vae_math`.
+
+    What the training module, evaluation and the pictures use (TwoLayerVAE has the same):
+    `objective` (the training terms), `log_weights` (importance log-weights for log p(x)), `encode`
+    (the code of x in the prior's space), `mean` (pixels of a prior draw), `noise_dim`."""
+
+    stochastic_layers = 1
 
     def __init__(self, input_shape: tuple[int, ...], *, arch: str = "mlp", latent_dim: int = 50,
                  hidden: list[int] = (200, 200), activation: str = "tanh", conv_channels: list[int] = (32, 32, 64, 64),
@@ -47,6 +53,27 @@ class VAE(nn.Module):
     @property
     def event_dims(self) -> int:
         return len(self.input_shape)
+
+    @property
+    def noise_dim(self) -> int:
+        """Standard normal numbers one sample of the latents takes (a compiled step draws them outside)."""
+        return self.latent_dim
+
+    def objective(self, x: torch.Tensor, *, objective: str = "elbo", k: int = 1, beta=1.0, estimator: str = "reparam",
+                  generator: torch.Generator | None = None, eps: torch.Tensor | None = None,
+                  score_baseline: bool = True) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """(terms of vae_math.vae_objective, mu, logvar of q(z|x)) for a batch."""
+        mu, logvar = self.encode(x)
+        terms = vae_math.vae_objective(mu, logvar, lambda z: self.log_px_given_z(x, z), objective=objective, k=k,
+                                       beta=beta, estimator=estimator, generator=generator, eps=eps,
+                                       score_baseline=score_baseline)
+        return terms, mu, logvar
+
+    def log_weights(self, x: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n importance log-weights log p(x, z) - log q(z|x), z ~ q(z|x), per example: [n, B]."""
+        mu, logvar = self.encode(x)
+        z = vae_math.reparameterize(mu, logvar, n, generator)
+        return vae_math.log_importance_weights(self.log_px_given_z(x, z), z, mu, logvar)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, logvar) of q(z|x), logvar bounded."""
@@ -85,6 +112,84 @@ class VAE(nn.Module):
         return torch.sigmoid(out) if self.likelihood == "bernoulli" else out
 
 
+class GaussianMLP(nn.Module):
+    """h [..., n_in] -> (mu, bounded logvar) of a diagonal Gaussian over n_out dimensions, through
+    tanh layers `hidden` and linear heads: a stochastic layer of the IWAE paper's second model."""
+
+    def __init__(self, n_in: int, hidden: list[int], n_out: int, act: str = "tanh"):
+        super().__init__()
+        self.net = mlp([n_in, *hidden, 2 * n_out], act)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.net(h).chunk(2, dim=-1)
+        return mu, vae_math.bound_logvar(logvar)
+
+
+class TwoLayerVAE(VAE):
+    """Two stochastic layers (Burda et al. 2016): x -> hidden -> z1 -> hidden2 -> z2 in q, and
+    z2 ~ N(0, I) -> hidden2 reversed -> z1 -> hidden reversed -> x in p. The VAE's encoder and
+    decoder are q(z1|x) and p(x|z1); `q2` is q(z2|z1) and `p1` is p(z1|z2). `latent_dim` is the top
+    layer (the prior's), `latent1_dim` the middle one. The log-weight's mathematics is
+    vae_math.hierarchical_log_terms."""
+
+    stochastic_layers = 2
+
+    def __init__(self, input_shape: tuple[int, ...], *, latent_dim: int = 50, latent1_dim: int = 100,
+                 hidden: list[int] = (200, 200), hidden2: list[int] = (100, 100), activation: str = "tanh",
+                 likelihood: str = "bernoulli", sigma: float = 1.0, learn_sigma: bool = False, init: str = "torch"):
+        super().__init__(input_shape, arch="mlp", latent_dim=latent1_dim, hidden=hidden, activation=activation,
+                         likelihood=likelihood, sigma=sigma, learn_sigma=learn_sigma, init="torch")
+        self.latent1_dim, self.latent_dim = latent1_dim, latent_dim
+        self.q2 = GaussianMLP(latent1_dim, list(hidden2), latent_dim, activation)
+        self.p1 = GaussianMLP(latent_dim, list(hidden2)[::-1], latent1_dim, activation)
+        if init == "iwae":
+            glorot_init(self)
+
+    @property
+    def noise_dim(self) -> int:
+        return self.latent1_dim + self.latent_dim
+
+    def log_terms(self, x: torch.Tensor, n: int, generator: torch.Generator | None = None,
+                  eps: torch.Tensor | None = None, hold_q: bool = False):
+        """n ancestral samples z1 ~ q(z1|x), z2 ~ q(z2|z1) and the parts of their log-weights
+        ([n, B] each); also (mu, logvar) of q(z1|x). eps [n, B, latent1_dim + latent_dim]: the noise."""
+        mu1, logvar1 = self.encode_first(x)
+        if eps is None:
+            eps = torch.randn((n, x.shape[0], self.noise_dim), generator=generator, device=x.device)
+        e1, e2 = eps.split([self.latent1_dim, self.latent_dim], dim=-1)
+        z1 = vae_math.reparameterize(mu1, logvar1, eps=e1)
+        mu2, logvar2 = self.q2(z1)
+        z2 = vae_math.reparameterize(mu2, logvar2, eps=e2)
+        parts = vae_math.hierarchical_log_terms(self.log_px_given_z(x, z1), z1, z2, (mu1, logvar1), (mu2, logvar2),
+                                                self.p1(z2), hold_q=hold_q)
+        return parts, mu1, logvar1
+
+    def objective(self, x, *, objective="elbo", k=1, beta=1.0, estimator="reparam", generator=None, eps=None,
+                  score_baseline=True):
+        """(terms of vae_math.monte_carlo_objective, mu, logvar of q(z1|x)); estimators reparam and stl."""
+        if estimator not in ("reparam", "stl"):
+            raise ValueError(f"model.estimator={estimator} is not available with two stochastic layers; "
+                             "use reparam or stl")
+        parts, mu1, logvar1 = self.log_terms(x, k, generator, eps, hold_q=estimator == "stl")
+        return vae_math.monte_carlo_objective(*parts, objective=objective, beta=beta), mu1, logvar1
+
+    def log_weights(self, x, n, generator=None):
+        log_px_z, log_prior, log_q = self.log_terms(x, n, generator)[0]
+        return log_px_z + log_prior - log_q
+
+    def encode_first(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, logvar) of q(z1|x)."""
+        return super().encode(x)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The code of x in the prior's space: q(z2|z1) at z1 = the mean of q(z1|x)."""
+        return self.q2(self.encode_first(x)[0])
+
+    def mean(self, z: torch.Tensor) -> torch.Tensor:
+        """Pixels of top-layer codes z [..., latent_dim], through the mean of p(z1|z2)."""
+        return super().mean(self.p1(z)[0])
+
+
 def glorot_init(module: nn.Module) -> None:
     """Glorot-uniform weights (+-sqrt(6 / (fan_in + fan_out))) and zero biases for every linear and
     convolutional layer: the IWAE paper's initialisation."""
@@ -103,6 +208,11 @@ def output_layer(decoder: nn.Module) -> nn.Module:
 
 def build_vae(model_cfg, input_shape: tuple[int, ...]) -> VAE:
     """A VAE from the `model` config group."""
+    if model_cfg.stochastic_layers == 2:
+        return TwoLayerVAE(input_shape, latent_dim=model_cfg.latent_dim, latent1_dim=model_cfg.latent1_dim,
+                           hidden=list(model_cfg.hidden), hidden2=list(model_cfg.hidden2),
+                           activation=model_cfg.activation, likelihood=model_cfg.likelihood, sigma=model_cfg.sigma,
+                           learn_sigma=model_cfg.learn_sigma, init=model_cfg.init)
     return VAE(input_shape, arch=model_cfg.arch, latent_dim=model_cfg.latent_dim, hidden=list(model_cfg.hidden),
                activation=model_cfg.activation, conv_channels=list(model_cfg.conv_channels),
                conv_hidden=model_cfg.conv_hidden, likelihood=model_cfg.likelihood, sigma=model_cfg.sigma,
