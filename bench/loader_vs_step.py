@@ -1,9 +1,11 @@
 """Loader throughput vs the training step's demand, MNIST-sized MLP VAE (batch 100).
 
-    python bench/loader_vs_step.py [--samples 20000] [--workers 0 1 2]
+    python bench/loader_vs_step.py [--samples 20000] [--workers 0 1 2] [--repeats 3]
 
 Prints samples/s of (a) the streaming loader alone over real shards, (b) forward + backward + Adam
-of the 784-200-200-50 VAE on in-memory tensors, and their ratio, all measured in this one run.
+of the 784-200-200-50 VAE on in-memory tensors, and their ratio, all measured in this one run; and
+the cost of verified reads (data.verify: each record's checksum checked): the loader with 0
+workers, verified and not, alternated `--repeats` times (target: verified >= 0.95x unverified).
 Uses ../shared/data's binarized MNIST when present, else random binary 28x28 images (same bytes).
 """
 
@@ -23,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline_overhead import bare_rate, make_shards  # noqa: E402  (the same step and data as that bench)
 
 
-def loader_rate(root: Path, workers: int, batch: int) -> tuple[float, float]:
+def loader_rate(root: Path, workers: int, batch: int, verify: bool = True) -> tuple[float, float]:
     """(samples/s after the first batch, seconds to the first batch: worker start-up)."""
     n, t0, first = 0, time.perf_counter(), None
-    for b in make_loader(str(root), "train", batch, shuffle=True, seed=0, num_workers=workers):
+    for b in make_loader(str(root), "train", batch, shuffle=True, seed=0, num_workers=workers, verify=verify):
         if first is None:
             first = time.perf_counter()
             continue
@@ -39,16 +41,25 @@ def main():
     ap.add_argument("--samples", type=int, default=50000)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root, _ = make_shards(Path(tmp), args.samples)
         x = (torch.rand(10 * args.batch, 28, 28) < 0.3).float()
         demand = bare_rate(x, args.batch, steps=200)
         rows = [(f"loader, {w} worker(s)", loader_rate(root, w, args.batch)) for w in args.workers]
+        checked, unchecked = [], []
+        for _ in range(args.repeats):
+            checked.append(loader_rate(root, 0, args.batch, verify=True)[0])
+            unchecked.append(loader_rate(root, 0, args.batch, verify=False)[0])
     print(f"{'what':28s} {'samples/s':>12s} {'÷ step demand':>14s} {'start-up s':>11s}")
     print(f"{'train step (fwd+bwd+Adam)':28s} {demand:12.0f} {1.0:14.2f}")
     for what, (rate, startup) in rows:
         print(f"{what:28s} {rate:12.0f} {rate / demand:14.2f} {startup:11.2f}")
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    print(f"\nverified reads, 0 workers, {args.repeats} alternations: verified {med(checked):.0f} samples/s, "
+          f"unverified {med(unchecked):.0f} (medians): verified / unverified = {med(checked) / med(unchecked):.3f} "
+          f"(best {max(checked) / max(unchecked):.3f})")
 
 
 if __name__ == "__main__":

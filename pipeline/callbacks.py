@@ -20,11 +20,13 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from pipeline import signals
 from pipeline.checkpoints import load_checkpoint
 from pipeline.errors import Preempted
+from pipeline.outputs import atomic_write, tensor_bytes
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to a temp file in the same folder, fsync, then rename: a crash mid-write leaves
-    the previous checkpoint intact instead of a truncated file with the final name. Reads (Lightning's
+    """torch.save to a temp file in the same folder, fsync, then rename (pipeline/outputs.py): a crash
+    or a full disk mid-write leaves the previous checkpoint intact instead of a truncated file with
+    the final name, and a refused write is one clear line. Reads (Lightning's
     resume path) go through the safe loader whatever `weights_only` Lightning passes."""
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
@@ -33,24 +35,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_checkpoint(path, map_location=map_location or "cpu")
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda f: torch.save(checkpoint, f), "checkpoint", need=tensor_bytes(checkpoint) + 2**16)
 
 
 class ImageGrids(pl.Callback):
     """Every N validation epochs (and at the end): samples from fixed prior draws, reconstructions,
     latent traversals (or, for 2-D data, a scatter of data vs samples) as PNG in the run folder,
-    and to wandb under images/<kind> when that is the logger. Rank 0 only."""
+    and to wandb under pictures/<kind> when that is the logger. Rank 0 only."""
 
     def __init__(self, out_dir: str | Path, every_n_epochs: int = 1):
         self.out_dir, self.every = Path(out_dir), every_n_epochs
@@ -67,8 +58,9 @@ class ImageGrids(pl.Callback):
             if isinstance(logger, WandbLogger) and self.latest:
                 import wandb
 
-                # one history row per picture set, on the trainer/global_step axis
-                logger.log_metrics({f"images/{kind}": wandb.Image(str(path), caption=tag)
+                # one history row per picture set, on the trainer/global_step axis; wandb keeps media
+                # under media/images/<key>, so a key "images/..." made media/images/images/
+                logger.log_metrics({f"pictures/{kind}": wandb.Image(str(path), caption=tag)
                                     for kind, path in self.latest.items()}, step=trainer.global_step)
 
     def on_validation_epoch_end(self, trainer, module):

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, load_config, to_yaml
 from pipeline import signals
-from pipeline.errors import ResumeError, ShardError, TrainingDiverged, UnsafeCheckpointError
+from pipeline.errors import (EXIT_RETRYABLE, ResumeError, ShardError, TrainingDiverged, UnsafeCheckpointError,
+                             WriteFailure)
 from pipeline.data.sources import SOURCE_NAMES
 
 EXAMPLES = """examples:
@@ -312,3 +313,6 @@ def main(argv: list[str] | None = None) -> None:
             TrainingDiverged, UnsafeCheckpointError) as err:
         print(f"vaepipe {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except WriteFailure as err:  # disk full and the like: retryable once space is freed
+        print(f"vaepipe {args.command}: error: {err}", file=sys.stderr)
+        sys.exit(EXIT_RETRYABLE)

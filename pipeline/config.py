@@ -60,7 +60,8 @@ class DataConfig:
     binarize: str = "none"  # none | dynamic (x ~ Bernoulli(pixel), redrawn each pass) | threshold (> 0.5)
     shard_bytes: int = 64_000_000  # new shard after this many bytes ...
     shard_samples: int = 0  # ... or this many samples (0 = no count limit)
-    on_error: str = "stop"  # an unreadable shard: stop (default) | skip (warn, count, go on)
+    on_error: str = "stop"  # an unreadable shard or corrupt record: stop (default) | skip (warn, count, go on)
+    verify: bool = True  # check every record against its checksum in the manifest as it is read (docs/data.md)
     resident: Any = "auto"  # auto | true | false: train/val splits held on the training device (data/resident.py)
     resident_max_gb: float = 0.0  # budget for resident splits per process (0: a quarter of the device's memory)
     worker_start: str = "forkserver"  # how loader workers start: forkserver (safe beside DDP threads) | fork | spawn

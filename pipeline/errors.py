@@ -1,5 +1,7 @@
 """Errors that reach the user as one clear line (the CLI prints them without a traceback)."""
 
+EXIT_RETRYABLE = 75  # EX_TEMPFAIL: run the same command again (after a signal, or once disk space is freed)
+
 
 class ShardError(RuntimeError):
     """A shard that cannot be read, named by its path."""
@@ -24,3 +26,8 @@ class Preempted(Exception):
 
 class UnsafeCheckpointError(RuntimeError):
     """A checkpoint that holds objects vaepipe never writes: refused before any of it is unpickled."""
+
+
+class WriteFailure(RuntimeError):
+    """A run file (checkpoint, image, summary) the storage refused: disk full, quota, read-only, I/O
+    error. Retryable once space is freed (exit 75); the run folder holds no partial file."""

@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from pipeline import vae_math
+from pipeline.outputs import atomic_write
 
 
 def is_image_shape(shape: tuple[int, ...]) -> bool:
@@ -31,10 +32,8 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, p
         r, col = divmod(i, nrow)
         grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = x[i]
     arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr[..., 0] if c == 1 else arr).save(path)
-    return path
+    image = Image.fromarray(arr[..., 0] if c == 1 else arr)
+    return atomic_write(path, lambda f: image.save(f, format="PNG"), "image")
 
 
 def side_by_side(inputs: torch.Tensor, recons: torch.Tensor) -> torch.Tensor:
@@ -62,10 +61,7 @@ def scatter(data: np.ndarray, samples: np.ndarray, path: str | Path, size: int =
                 draw.ellipse((x - 1.5, y - 1.5, x + 1.5, y + 1.5), fill=color)
     draw.text((4, 4), "data", fill=(31, 119, 180))
     draw.text((4, 16), "samples", fill=(255, 127, 14))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    return atomic_write(path, lambda f: img.save(f, format="PNG"), "image")
 
 
 def traversal(vae, example: torch.Tensor, kl_per_dim: torch.Tensor, steps: int = 9, span: float = 3.0,

@@ -19,6 +19,8 @@ from urllib.parse import urlparse
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.outputs import write_text
+
 RUN_ID_FILE = "wandb_run_id"
 
 
@@ -83,10 +85,7 @@ def wandb_run_id(run_dir: Path, from_checkpoint: str | None = None, write: bool 
 
         run_id = generate_id()
     if write and (not path.is_file() or path.read_text().strip() != run_id):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{RUN_ID_FILE}.tmp-{os.getpid()}")
-        tmp.write_text(run_id + "\n")
-        os.replace(tmp, path)
+        write_text(path, run_id + "\n", "wandb run id")
     return run_id
 
 

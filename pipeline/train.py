@@ -21,13 +21,14 @@ from pipeline.data.shards import MANIFEST, prepare
 from pipeline.data.sources import SOURCE_NAMES
 from pipeline.data.datamodule import ShardDataModule
 from pipeline.data.resident import pixel_mean
-from pipeline.errors import Preempted, TrainingDiverged, UnsafeCheckpointError
+from pipeline.errors import EXIT_RETRYABLE, Preempted, TrainingDiverged, UnsafeCheckpointError, WriteFailure
 from pipeline.launch.slurm import requeue_self, under_slurm_batch
 from pipeline.models.vae_module import VAEModule
+from pipeline.outputs import storage_error, write_text
 from pipeline.tracking import RunFacts, build_logger, finish_wandb, wandb_run_id
 
 GENERATED = ("sprites", "gmm")  # sources that need no input file
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after checkpointing; run the same command to resume
+EXIT_PREEMPTED = EXIT_RETRYABLE  # 75, EX_TEMPFAIL: stopped by a signal after checkpointing; run the same command to resume
 
 
 def module_class(family: str):
@@ -190,7 +191,24 @@ def build_trainer(cfg: DictConfig, run_dir: Path, images: ImageGrids, last: Last
 
 
 def fit(cfg: DictConfig) -> dict:
-    """Train as configured; returns the paths a user wants next (checkpoint, config, images)."""
+    """Train as configured; returns the paths a user wants next (checkpoint, config, images). A file
+    the storage refuses (disk full, quota, read-only) ends the run with WriteFailure, which names
+    the file and the newest good checkpoint to resume from."""
+    try:
+        return _fit(cfg)
+    except (WriteFailure, OSError) as err:
+        cause = storage_error(err)
+        if not isinstance(err, WriteFailure) and cause is None:
+            raise
+        what = str(err) if isinstance(err, WriteFailure) else f"could not write {cause.filename or 'a run file'}: {cause}."
+        good = newest_valid_checkpoint(Path(cfg.run.dir) / "checkpoints") if Path(cfg.run.dir, "checkpoints").is_dir() else None
+        hint = (f"The newest good checkpoint is {good}: free space (or point run.dir elsewhere) and run the same "
+                "command to resume." if good else "No checkpoint of this run was saved yet: free space and run the "
+                "same command again.")
+        raise WriteFailure(f"{what} {hint}") from None
+
+
+def _fit(cfg: DictConfig) -> dict:
     t0 = time.time()
     # Noise on every run: a local run on a machine that also has Slurm's client tools, and a
     # deprecation inside Lightning itself.
@@ -202,7 +220,7 @@ def fit(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_primary_process():
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        write_text(run_dir / "config.yaml", to_yaml(cfg), "config")
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     ensure_prepared(cfg.data, cfg.run.seed)
     primary_log = print if is_primary_process() else (lambda *_: None)
@@ -255,7 +273,7 @@ def fit(cfg: DictConfig) -> dict:
         "wandb_run_id": run_id, "train_samples_per_s": throughput.samples_per_s,
     }
     if trainer.is_global_zero:
-        (run_dir / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
+        write_text(run_dir / "summary.json", json.dumps(result, indent=1) + "\n", "summary")
     finish_wandb(trainer, {"checkpoint/last": str(ckpt.resolve()), "checkpoint/best": result["best_checkpoint"]},
                  preempted=preemption.stopped_at is not None)
     if trainer.is_global_zero:

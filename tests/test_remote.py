@@ -55,7 +55,7 @@ def test_failed_and_truncated_downloads_are_named(served):
     (folder / "train-000003.tar").unlink()
     with pytest.raises(ShardError, match=r"train-000003\.tar"):
         xs(url)
-    with pytest.warns(UserWarning, match=r"skipping unreadable shard .*train-000003\.tar"):
+    with pytest.warns(UserWarning, match=r"skipping unreadable data in shard .*train-000003\.tar"):
         assert len(xs(url, on_error="skip")) == 640 - 128
     (folder / "train-000001.tar").write_bytes((folder / "train-000002.tar").read_bytes()[:3000])
     with pytest.raises(ShardError, match=r"train-00000[13]\.tar"):

@@ -89,8 +89,10 @@ def test_default_logger_falls_back_offline_and_logs_everything(sprites_root, tmp
     for kind in ("samples", "recon", "traversal"):
         for tag in ("epoch000", "epoch001", "final"):
             assert (run / "images" / f"{kind}_{tag}.png").is_file()
-        assert any(f"images/{kind}._type" in h for h in rec["history"])
-    assert len(list((folder / "files" / "media" / "images").rglob("*.png"))) == 9
+        assert any(f"pictures/{kind}._type" in h for h in rec["history"])
+    media = folder / "files" / "media" / "images"
+    assert len(list(media.rglob("*.png"))) == 9
+    assert not (media / "images").exists()  # one folder level per key prefix: media/images/pictures/...
 
 
 def test_fixed_prior_draws_give_the_same_samples_for_the_same_weights(sprites_root, tmp_path):

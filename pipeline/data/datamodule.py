@@ -147,11 +147,11 @@ class ShardDataModule(pl.LightningDataModule):
                            shuffle=train, seed=self.seed, epoch=epoch, shuffle_buffer=self.cfg.shuffle_buffer,
                            num_workers=self.cfg.num_workers, binarize=self.cfg.binarize, manifest=self.manifest,
                            rank=rank, world_size=world, skip=skip, on_error=self.cfg.on_error,
-                           worker_start=self.cfg.worker_start, persistent=split != "test")
+                           worker_start=self.cfg.worker_start, persistent=split != "test", verify=self.cfg.verify)
 
     def _resident(self, split: str, train: bool) -> res.ResidentSplit:
         rank, world = self._rank_world()
-        data = res.load_split(self.cfg.root, split, self.manifest, self._device(), self.cfg.on_error)
+        data = res.load_split(self.cfg.root, split, self.manifest, self._device(), self.cfg.on_error, self.cfg.verify)
         return res.ResidentSplit(data, batch_size=self.cfg.batch_size if train else self.cfg.eval_batch_size,
                                  scale=self.manifest["scale"], binarize=self.cfg.binarize, seed=self.seed, rank=rank,
                                  world_size=world, train=train, limit_steps=self.steps_per_epoch if train else None)

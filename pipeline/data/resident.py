@@ -48,11 +48,13 @@ def default_budget(device: torch.device) -> int:
         return 2 * GIB
 
 
-def load_split(root: str, split: str, manifest: dict, device: torch.device, on_error: str = "stop") -> torch.Tensor:
+def load_split(root: str, split: str, manifest: dict, device: torch.device, on_error: str = "stop",
+               verify: bool = True) -> torch.Tensor:
     """All samples of a split in shard order, [N, *shape] in the stored dtype, on `device`. Read with
     the streaming reader (same manifest and size checks, same errors for a missing or corrupt shard,
     same data.on_error behaviour), one pass."""
-    loader = make_loader(root, split, 4096, shuffle=False, train=False, manifest=manifest, on_error=on_error, raw=True)
+    loader = make_loader(root, split, 4096, shuffle=False, train=False, manifest=manifest, on_error=on_error, raw=True,
+                         verify=verify)
     parts = [batch["x"] for batch in loader]
     if not parts:
         raise ValueError(f"split '{split}' of {root} has no readable samples")

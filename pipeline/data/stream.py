@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.location import check_local_shards, load_manifest, shard_url
 from pipeline.data.plan import EpochPlan, Part, consumed_by_worker, plan_epoch
-from pipeline.data.shards import ShardError
+from pipeline.data.shards import ShardError, record_checksum
 
 # __len__ is exact here (every slot yields its planned batches), whatever Lightning fears.
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
@@ -175,7 +175,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, plan_for, *, rank: int, workers: int, seed: int, epoch: int, shuffle: bool,
                  shuffle_buffer: int, decoder: Decoder, collate: Collate, skip: int = 0, on_error: str = "stop",
-                 limit: int | None = None, shared_epoch=None):
+                 limit: int | None = None, shared_epoch=None, checksums: dict | None = None):
         self.plan_for, self.rank, self.workers = plan_for, rank, max(1, workers)
         self.seed, self.shuffle, self.buffer = seed, shuffle, shuffle_buffer
         self.decoder, self.collate, self.on_error, self.limit = decoder, collate, on_error, limit
@@ -183,6 +183,7 @@ class ShardStream(IterableDataset):
         self._epoch, self._shared = epoch, shared_epoch  # a multiprocessing Value with persistent workers
         self.plan, self._plan_epoch = plan_for(epoch=epoch), epoch
         self.skipped_shards = 0
+        self.checksums = checksums  # shard url -> its records' checksums (None: reads not verified)
 
     @property
     def epoch(self) -> int:
@@ -210,7 +211,7 @@ class ShardStream(IterableDataset):
         source = next((a for a in exn.args if isinstance(a, str) and (".tar" in a or "://" in a or "pipe:" in a)), None)
         if self.on_error == "skip":
             self.skipped_shards += 1
-            warnings.warn(f"skipping unreadable shard {source} ({self.skipped_shards} skipped by this worker "
+            warnings.warn(f"skipping unreadable data in shard {source} ({self.skipped_shards} skipped by this worker "
                           f"this epoch): {exn.args[0] if exn.args else exn!r}")
             return True
         raise ShardError(f"cannot read shard {source or '(unknown)'}: {exn.args[0] if exn.args else exn!r}") from exn
@@ -218,8 +219,18 @@ class ShardStream(IterableDataset):
     def _chunks(self, part: Part):
         """The part's samples, decoded a record at a time: every `parts`-th sample of the shard (by sample index)."""
         records = wds.tariterators.tarfile_samples([{"url": part.url}], handler=self._handler)
-        i = 0
-        for record in records:
+        expected = self.checksums.get(part.url) if self.checksums is not None else None
+        i, j = 0, -1
+        for j, record in enumerate(records):
+            if expected is not None and (j >= len(expected) or record_checksum(record) != expected[j]):
+                what = (f"record {j} ('{record.get('__key__')}') does not match its checksum in the manifest"
+                        if j < len(expected) else f"has more than the {len(expected)} records the manifest lists")
+                # stop: raises, naming the shard; skip: warns, counts, and the record's samples are passed over
+                self._handler(ShardError(f"{what}: the shard changed since `vaepipe prepare` (corrupt storage or a "
+                                         "replaced file); data.on_error=skip passes such records over, data.verify=false "
+                                         "turns the check off", part.url))
+                i += len(record.get("x.bin", b"")) // self.decoder.sample_bytes
+                continue
             chunk = self.decoder(record)
             n = _length(chunk)
             if part.parts > 1:
@@ -227,6 +238,8 @@ class ShardStream(IterableDataset):
             if _length(chunk):
                 yield chunk
             i += n
+        if expected is not None and 0 <= j + 1 < len(expected):
+            self._handler(ShardError(f"ended after {j + 1} of the {len(expected)} records the manifest lists", part.url))
 
     def _slot_chunks(self, parts: list[Part], need: int | None):
         """The slot's samples in plan order, in chunks; cycled until `need` when the plan asks for more."""
@@ -326,22 +339,36 @@ def loader_workers(num_workers: int, n_shards: int) -> int:
     return min(num_workers, max(1, n_shards * 64)) if num_workers > 0 else 0
 
 
+@functools.lru_cache(maxsize=None)
+def warn_unverifiable(root: str) -> None:
+    """Once per data root: shards from before per-record checksums are read unverified."""
+    warnings.warn(f"{root}: the manifest has no per-record checksums (prepared by an older vaepipe), so reads "
+                  "are not verified; `vaepipe prepare ... --force` rebuilds the shards with them")
+
+
 def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False, train: bool | None = None,
                 seed: int = 0, epoch: int = 0, shuffle_buffer: int = 2000, num_workers: int = 0,
                 binarize: str = "none", limit: int | None = None, manifest: dict | None = None, rank: int = 0,
                 world_size: int = 1, skip: int = 0, on_error: str = "stop", worker_start: str = "forkserver",
-                persistent: bool = False, raw: bool = False) -> DataLoader:
+                persistent: bool = False, raw: bool = False, verify: bool = True) -> DataLoader:
     """A loader of dict batches {"x": float32 [B, *shape], "y": [B], "factors": [B, F]} over one split
     for one rank and one epoch. `train` (default: = shuffle) gives every rank the same number of full
     batches; otherwise every sample is read (padded by repeats only with several ranks).
     `persistent`: workers live across epochs; move the stream on with `loader.dataset.set_epoch`
     (starting workers costs ~1 s an epoch, most of a small epoch). `raw`: x in the stored dtype,
-    neither scaled nor binarised."""
+    neither scaled nor binarised. `verify`: every record checked against its checksum in the
+    manifest as it is read (data.verify)."""
     root = str(root)
     manifest = manifest or load_manifest(root)
     entry = manifest["splits"][split]
     check_local_shards(root, entry)
     urls = [shard_url(root, s["name"]) for s in entry["shards"]]
+    checksums = None
+    if verify:
+        if all("records" in s for s in entry["shards"]):
+            checksums = {url: s["records"] for url, s in zip(urls, entry["shards"])}
+        else:
+            warn_unverifiable(root)
     counts = [s["num_samples"] for s in entry["shards"]]
     workers = loader_workers(num_workers, len(urls))
     plan_for = functools.partial(plan_epoch, urls, counts, batch_size=batch_size, world_size=world_size,
@@ -351,7 +378,8 @@ def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False
     stream = ShardStream(plan_for, rank=rank, workers=workers, seed=seed, epoch=epoch, shuffle=shuffle,
                          shuffle_buffer=shuffle_buffer, decoder=Decoder(entry["shape"], entry["dtype"]),
                          collate=Collate(manifest["scale"], binarize, raw), skip=skip, on_error=on_error, limit=limit,
-                         shared_epoch=context.Value("q", epoch, lock=False) if persistent else None)
+                         shared_epoch=context.Value("q", epoch, lock=False) if persistent else None,
+                         checksums=checksums)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=persistent,
                         multiprocessing_context=context)
     return loader

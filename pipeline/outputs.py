@@ -1,0 +1,90 @@
+"""Writing a run's files (checkpoints, image grids, summary, config): atomically, and with one clear
+line when the file system refuses them.
+
+Every file is written to a temporary name in its folder, flushed to disk, then renamed over the
+final name: a reader (or a resume after a crash) sees the old file or the new one, never half of
+one. When the write fails (disk full, quota, read-only or failing storage), the temporary file is
+removed, so the run folder holds only complete files, and `WriteFailure` names the file, the
+errno and the space the file needs and has (`vaepipe fit` adds the newest good checkpoint to
+resume from). The CLI exits with 75 (EX_TEMPFAIL: retry once space is freed), without a traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, IO
+
+import torch
+
+from pipeline.errors import WriteFailure
+
+# errnos that mean "the storage refused the write", not "vaepipe has a bug"
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
+
+
+def storage_error(err: BaseException) -> OSError | None:
+    """The OSError behind a failed write: the error itself, or the one torch.save's C++ writer
+    reports as 'unexpected pos' (the Python write error is its context)."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a (nested) checkpoint dict, each storage counted once."""
+    seen, total, stack = set(), 0, [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, torch.Tensor):
+            storage = o.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            stack.extend(o)
+    return total
+
+
+def describe_failure(path: Path, err: OSError, what: str, need: int | None) -> str:
+    free = shutil.disk_usage(path.parent).free if path.parent.exists() else None
+    space = []
+    if need:
+        space.append(f"it needs about {need / 2**20:.1f} MB")
+    if free is not None:
+        space.append(f"{free / 2**20:.1f} MB free on that file system")
+    return (f"could not write {what} {path}: [Errno {err.errno}] {os.strerror(err.errno)}"
+            f"{' (' + ', '.join(space) + ')' if space else ''}; no partial file was left.")
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], what: str = "file", *,
+                 need: int | None = None) -> Path:
+    """write(f) into a temporary file beside `path`, fsync, rename over `path`. A refused write
+    raises WriteFailure (see the module doc); `need`: the expected size, for the message."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        cause = storage_error(err)
+        if cause is None:
+            raise
+        raise WriteFailure(describe_failure(path, cause, what, need)) from None
+    return path
+
+
+def write_text(path: str | Path, text: str, what: str = "file") -> Path:
+    data = text.encode()
+    return atomic_write(path, lambda f: f.write(data), what, need=len(data))
