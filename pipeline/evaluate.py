@@ -21,6 +21,10 @@ from pipeline.data.stream import make_loader
 from pipeline.images import is_image_shape, save_grid, side_by_side
 
 
+def fmt_duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 def load_module(ckpt: str | Path):
     """The trained module from a checkpoint, on CPU, in eval mode; clear errors for bad paths/files."""
     ckpt = Path(ckpt)
@@ -108,9 +112,10 @@ def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | 
     chunk = chunk or default_chunk(batch_size, device)
     root = data_root or cfg.data.root
     manifest = load_manifest(root)
+    examples = manifest["splits"].get(split, {}).get("num_samples", 0)
+    examples = min(examples, limit) if limit else examples
     if compile is None:
-        examples = manifest["splits"].get(split, {}).get("num_samples", 0)
-        compile = min(examples, limit or examples) * k >= COMPILE_SAMPLES
+        compile = examples * k >= COMPILE_SAMPLES
     kernel = log_weight_kernel(vae, compile)
     torch.manual_seed(seed)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -119,7 +124,28 @@ def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | 
     sums = {"elbo": 0.0, "log_px": 0.0, "log_px_sq": 0.0, f"iwae{k_train}": 0.0}
     n, t0 = 0, time.time()
     codes, factors = [], []  # encoder means and ground-truth factors, for the disentanglement metrics
-    for batch in tqdm(loader, desc=f"eval {split} K={k}", disable=not progress, file=sys.stderr):
+    # Progress in importance samples, advanced after every chunk (~5000 decoder rows on CPU: a few ms),
+    # not per batch: at K = 5000 one batch of 100 images is 500 000 samples, minutes on a CPU.
+    total = examples * (k + k_train)
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    say(f"eval {split}: {examples} examples x (K={k} + {k_train} for L_{k_train}) = {total / 1e6:.1f} M importance "
+        f"samples on {device}{', compiled' if compile else ''}")
+    bar = tqdm(total=total, desc=f"eval {split} K={k}", unit="sample", unit_scale=True, disable=not progress,
+               file=sys.stderr, mininterval=1.0, smoothing=0.1)
+    timing = {"done": 0, "start": None, "said": False}
+
+    def advance(m: int, batch_size_now: int) -> None:
+        bar.update(m * batch_size_now)
+        timing["done"] += m * batch_size_now
+        if timing["start"] is None:  # the first chunk pays compilation and warm-up: time from the second
+            timing["start"], timing["first"] = time.time(), timing["done"]
+        elif not timing["said"] and time.time() - timing["start"] > 2.0:
+            rate = (timing["done"] - timing["first"]) / (time.time() - timing["start"])
+            say(f"estimated time: {fmt_duration((total - timing['done']) / rate)} more at {rate / 1e3:.0f}k "
+                "samples/s (the bar below keeps an ETA)")
+            timing["said"] = True
+
+    for batch in loader:
         x = batch["x"].to(device, non_blocking=True)
         mu, logvar = vae.encode(x)
         if "factors" in batch:
@@ -137,15 +163,18 @@ def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | 
             nonlocal log_w_sum
             lw = draw(m)
             log_w_sum += lw.sum(0)
+            advance(m, x.shape[0])
             return lw
 
         log_px = vae_math.log_mean_exp_chunked(log_w, k, chunk)
         bound = vae_math.iwae_bound(draw(k_train))
+        advance(k_train, x.shape[0])
         sums["elbo"] += float((log_w_sum / k).sum())
         sums["log_px"] += float(log_px.sum())
         sums["log_px_sq"] += float(log_px.pow(2).sum())
         sums[f"iwae{k_train}"] += float(bound.sum())
         n += x.shape[0]
+    bar.close()
     if n == 0:
         raise ValueError(f"split '{split}' of {data_root or cfg.data.root} has no examples")
     mean_log_px = sums["log_px"] / n
