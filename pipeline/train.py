@@ -21,7 +21,7 @@ from pipeline.data.shards import MANIFEST, prepare
 from pipeline.data.sources import SOURCE_NAMES
 from pipeline.data.datamodule import ShardDataModule
 from pipeline.data.resident import pixel_mean
-from pipeline.errors import EXIT_RETRYABLE, Preempted, TrainingDiverged, UnsafeCheckpointError, WriteFailure
+from pipeline.errors import EXIT_RETRYABLE, Preempted, ResumeError, TrainingDiverged, UnsafeCheckpointError, WriteFailure
 from pipeline.launch.slurm import requeue_self, under_slurm_batch
 from pipeline.models.vae_module import VAEModule
 from pipeline.outputs import storage_error, write_text
@@ -122,6 +122,31 @@ def planned_world_size(cfg: DictConfig) -> int:
     return max(1, n) * cfg.trainer.num_nodes
 
 
+def elastic_batch_size(cfg: DictConfig, checkpoint: dict, log=print) -> None:
+    """Keep the checkpoint's global batch when a run resumes on another number of processes: the
+    per-process data.batch_size becomes global batch / processes (2 x 32 -> 1 x 64), so the run
+    continues its global sample order (data/order.py). With the same number of processes nothing
+    changes (a changed batch size is then refused by the data module, naming both values)."""
+    positions = (checkpoint.get("ShardDataModule") or {}).get("stream_positions") or []
+    if not positions or "global_batch" not in positions[0]:
+        return
+    saved_world, saved_global = positions[0]["world_size"], positions[0]["global_batch"]
+    world = planned_world_size(cfg)
+    if world == saved_world:
+        return
+    if saved_global % world:
+        divisors = [d for d in range(1, saved_global + 1) if saved_global % d == 0 and d <= 64]
+        raise ResumeError(
+            f"the run was written by {saved_world} process(es) with a global batch of {saved_global}, which "
+            f"{world} processes cannot share equally: resume on a number of processes dividing {saved_global} "
+            f"({', '.join(map(str, divisors))}), or start a new run folder for another global batch")
+    batch = saved_global // world
+    if batch != cfg.data.batch_size:
+        log(f"resuming on {world} process(es) instead of {saved_world}: data.batch_size {cfg.data.batch_size} -> "
+            f"{batch} per process, keeping the run's global batch of {saved_global}")
+        cfg.data.batch_size = batch
+
+
 def planned_device(cfg: DictConfig) -> torch.device:
     if cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
@@ -219,11 +244,14 @@ def _fit(cfg: DictConfig) -> dict:
     warnings.filterwarnings("ignore", message=".*Using ModelCheckpoint with manual optimization")
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if is_primary_process():
-        write_text(run_dir / "config.yaml", to_yaml(cfg), "config")
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     ensure_prepared(cfg.data, cfg.run.seed)
     primary_log = print if is_primary_process() else (lambda *_: None)
+    ckpt_path = resume_checkpoint(cfg, run_dir / "checkpoints")
+    if ckpt_path:
+        elastic_batch_size(cfg, load_checkpoint(ckpt_path), log=primary_log)
+    if is_primary_process():
+        write_text(run_dir / "config.yaml", to_yaml(cfg), "config")
     datamodule = ShardDataModule(cfg.data, seed=cfg.run.seed, world_size=planned_world_size(cfg), device=planned_device(cfg),
                                  limit_train_batches=cfg.trainer.limit_train_batches, log=primary_log)
     k = steps_per_call(cfg, datamodule.steps_per_epoch, log=primary_log)
@@ -231,7 +259,6 @@ def _fit(cfg: DictConfig) -> dict:
     module = module_class(cfg.model.family)(OmegaConf.to_container(cfg, resolve=True), list(datamodule.sample_shape))
     images = ImageGrids(run_dir / "images", cfg.logger.image_every_n_epochs)
     preemption = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt")
-    ckpt_path = resume_checkpoint(cfg, run_dir / "checkpoints")
     if ckpt_path is None and cfg.model.init == "iwae" and cfg.model.family == "vae":
         # The paper's output bias; on resume the checkpoint's weights replace it anyway.
         module.vae.set_output_bias(pixel_mean(cfg.data.root, datamodule.manifest, cfg.data.binarize, cfg.data.on_error))

@@ -170,3 +170,33 @@ def test_local_sweep_as_a_job_array_with_two_task_trials(cluster, sprites_root, 
         ckpt = final(out / trial)
         assert ckpt["global_step"] == 8
         assert [p["world_size"] for p in ckpt["ShardDataModule"]["stream_positions"]] == [2, 2]  # srun: 2 ranks
+
+
+@pytest.mark.timeout(1200)
+def test_two_node_job_signalled_continues_as_a_one_node_job(cluster, sprites_root, tmp_path):
+    # Elastic resume through Slurm: a 2-node job (1 task each, 16 samples per task) is told to stop
+    # (scancel --signal=USR1; no requeue), and the run is resubmitted as a 1-node, 1-task job: it
+    # continues at the same global position with 32 samples per process and finishes.
+    run_dir = tmp_path / "run"
+    common = [f"data.root={sprites_root}", f"run.dir={run_dir}", "trainer.max_steps=600", "run.every_n_train_steps=20",
+              *COMMON, *SMALL, "data.batch_size=16"]
+    job = submit(cluster, *common, "trainer.num_nodes=2", "slurm.requeue=false", "--nodes", 2)
+    deadline = time.time() + 180
+    while not (cluster.job(job).get("JobState") == "RUNNING" and list((run_dir / "checkpoints").glob("step-*.ckpt"))) \
+            and time.time() < deadline:
+        time.sleep(0.5)
+    cluster.run("scancel", "--signal=USR1", job)
+    cluster.wait(job, timeout=240)
+    log = (run_dir / f"slurm-{job}.out").read_text()
+    assert "SIGUSR1: checkpoint of step" in log, log[-3000:]
+    stopped = final(run_dir)
+    assert 0 < stopped["global_step"] < 600
+    assert [p["world_size"] for p in stopped["ShardDataModule"]["stream_positions"]] == [2, 2]
+    job2 = submit(cluster, *common, "trainer.num_nodes=1", "--nodes", 1)
+    info = cluster.wait(job2, timeout=300)
+    log2 = (run_dir / f"slurm-{job2}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log2[-3000:]
+    assert "data.batch_size 16 -> 32 per process" in log2 and "world_size 2 -> 1" in log2
+    done = final(run_dir)
+    assert done["global_step"] == 600
+    assert [p["world_size"] for p in done["ShardDataModule"]["stream_positions"]] == [1]

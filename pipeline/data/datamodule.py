@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 
 from pipeline.data import resident as res
 from pipeline.data.location import load_manifest
-from pipeline.data.plan import EpochPlan, plan_epoch
-from pipeline.data.stream import loader_workers, make_loader
+from pipeline.data.plan import EpochPlan
+from pipeline.data.stream import make_loader
 from pipeline.errors import ResumeError
 
 
@@ -52,9 +52,9 @@ class ShardDataModule(pl.LightningDataModule):
     they fit `data.resident_max_gb` (0: a quarter of the device's memory), else streamed from the
     shards. Training batches come in calls of `set_steps_per_call(k)` steps (trainer.steps_per_call).
 
-    Its state (saved in every checkpoint) is each rank's position: epoch and steps done in it,
-    gathered from all ranks, with the topology they were computed for. On resume every rank
-    restarts exactly there; a different topology is refused (see docs/resume.md)."""
+    Its state (saved in every checkpoint) is the position in the epoch's global order (epoch and
+    global batches done), gathered from all ranks, with the topology that wrote it. On resume every
+    rank continues there, on this topology or another with the same global batch (docs/resume.md)."""
 
     def __init__(self, data_cfg, seed: int = 0, *, world_size: int = 1,
                  device: torch.device | str = "cpu", limit_train_batches=None, log=print):
@@ -100,16 +100,13 @@ class ShardDataModule(pl.LightningDataModule):
 
     @functools.cached_property
     def steps_per_epoch(self) -> int:
-        """Optimizer steps per epoch on every rank (the same for every epoch)."""
-        n, b, w = self.manifest["splits"]["train"]["num_samples"], self.cfg.batch_size, self.world_hint
-        if self.resident:
-            return self._limited(n // (b * w))
-        entry = self.manifest["splits"]["train"]
-        counts = [s["num_samples"] for s in entry["shards"]]
-        workers = loader_workers(self.cfg.num_workers, len(counts))
-        plan = plan_epoch([s["name"] for s in entry["shards"]], counts, batch_size=b, world_size=w, workers=workers,
-                          seed=self.seed, epoch=0, shuffle=True, train=True)
-        return self._limited(plan.batches_on_rank(0, workers))
+        """Optimizer steps per epoch on every rank (the same for every epoch): the full global batches
+        of the split, whatever the path, number of ranks or workers (data/order.py)."""
+        n, g = self.manifest["splits"]["train"]["num_samples"], self.cfg.batch_size * self.world_hint
+        if n // g == 0:
+            raise ValueError(f"{n} training samples cannot make one global batch of {g} ({self.world_hint} "
+                             f"process(es) x data.batch_size={self.cfg.batch_size}): lower data.batch_size")
+        return self._limited(n // g)
 
     @property
     def last_plan(self) -> EpochPlan | None:
@@ -128,10 +125,13 @@ class ShardDataModule(pl.LightningDataModule):
         return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
 
     def _topology(self) -> dict:
+        """What a position means: the global order's inputs (must match on resume) and the topology
+        that wrote it (may change: docs/resume.md)."""
         _, world = self._rank_world()
         return {"world_size": world, "num_workers": 0 if self.resident else self.cfg.num_workers,
-                "batch_size": self.cfg.batch_size, "seed": self.seed, "root": str(self.cfg.root),
-                "order": "resident" if self.resident else "stream", "steps_per_epoch": self.steps_per_epoch}
+                "batch_size": self.cfg.batch_size, "global_batch": self.cfg.batch_size * world, "seed": self.seed,
+                "root": str(self.cfg.root), "order": "global", "window": self.cfg.shuffle_buffer,
+                "path": "resident" if self.resident else "stream", "steps_per_epoch": self.steps_per_epoch}
 
     def _check_world(self) -> None:
         _, world = self._rank_world()
@@ -144,6 +144,7 @@ class ShardDataModule(pl.LightningDataModule):
     def _stream(self, split: str, train: bool = False, skip: int = 0, epoch: int = 0) -> DataLoader:
         rank, world = self._rank_world()
         return make_loader(self.cfg.root, split, self.cfg.batch_size if train else self.cfg.eval_batch_size,
+                           steps=self.steps_per_epoch if train else None,
                            shuffle=train, seed=self.seed, epoch=epoch, shuffle_buffer=self.cfg.shuffle_buffer,
                            num_workers=self.cfg.num_workers, binarize=self.cfg.binarize, manifest=self.manifest,
                            rank=rank, world_size=world, skip=skip, on_error=self.cfg.on_error,
@@ -152,9 +153,11 @@ class ShardDataModule(pl.LightningDataModule):
     def _resident(self, split: str, train: bool) -> res.ResidentSplit:
         rank, world = self._rank_world()
         data = res.load_split(self.cfg.root, split, self.manifest, self._device(), self.cfg.on_error, self.cfg.verify)
+        counts = [sh["num_samples"] for sh in self.manifest["splits"][split]["shards"]]
         return res.ResidentSplit(data, batch_size=self.cfg.batch_size if train else self.cfg.eval_batch_size,
                                  scale=self.manifest["scale"], binarize=self.cfg.binarize, seed=self.seed, rank=rank,
-                                 world_size=world, train=train, limit_steps=self.steps_per_epoch if train else None)
+                                 world_size=world, train=train, limit_steps=self.steps_per_epoch if train else None,
+                                 counts=counts, window=self.cfg.shuffle_buffer)
 
     def train_dataloader(self):
         """Lightning asks at every epoch start (reload_dataloaders_every_n_epochs=1), after its own
@@ -212,28 +215,36 @@ class ShardDataModule(pl.LightningDataModule):
         return {"stream_positions": ranks}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue at the checkpoint's global position. The global order's inputs (global batch,
+        seed, shuffle window, steps per epoch) must match; the number of processes, nodes and
+        loader workers, and resident or streamed, may change (train.elastic_batch_size keeps the
+        global batch when the number of processes changes)."""
         ranks = state.get("stream_positions") or []
-        rank, _ = self._rank_world()
-        now = self._topology()
         if not ranks:
             return
-        saved_order = ranks[0].get("order", "stream")  # checkpoints before resident data streamed
-        if str(self.cfg.resident).lower() == "auto" and saved_order != now["order"]:
-            # auto follows the interrupted run's data order: the epoch in progress continues exactly
-            self.resident = saved_order == "resident"
-            self.__dict__.pop("steps_per_epoch", None)
-            self.log_fn(f"data: resuming a run whose data was {'resident' if self.resident else 'streamed'}; "
-                        "keeping that (data.resident=auto)")
-            now = self._topology()
-        names = {"world_size": "world_size", "num_workers": "data.num_workers", "batch_size": "data.batch_size",
-                 "seed": "run.seed", "order": "data order", "steps_per_epoch": "steps per epoch"}
-        saved = {**now, **{k: ranks[0][k] for k in names if k in ranks[0]}, "order": saved_order}
-        if len(ranks) != now["world_size"] or any(saved[k] != now[k] for k in names):
+        now, saved = self._topology(), ranks[0]
+        if saved.get("order") != "global":
             raise ResumeError(
-                "cannot resume the data stream exactly: the checkpoint was written with "
-                + ", ".join(f"{names[k]}={saved[k]}" for k in names) + "; this run has "
-                + ", ".join(f"{names[k]}={now[k]}" for k in names) + " (world_size = trainer.devices x "
-                "trainer.num_nodes; data order: resident or stream, data.resident; steps per epoch: data.batch_size, "
-                "trainer.limit_train_batches). Resume with the same values, or start a new run folder "
+                "this checkpoint was written by a vaepipe from before the global sample order (its data order "
+                f"depended on the topology: {saved.get('order', 'stream')}); it cannot continue its epoch with this "
+                "version. Resume it with the vaepipe that wrote it, or start a new run folder.")
+        names = {"global_batch": "global batch (data.batch_size x processes)", "seed": "run.seed",
+                 "window": "data.shuffle_buffer", "steps_per_epoch": "steps per epoch"}
+        differ = [k for k in names if saved.get(k) != now[k]]
+        if differ:
+            raise ResumeError(
+                "cannot resume the data order exactly: the checkpoint was written with "
+                + ", ".join(f"{names[k]} = {saved.get(k)}" for k in differ) + "; this run has "
+                + ", ".join(f"{names[k]} = {now[k]}" for k in differ) + " (steps per epoch follow from the global "
+                "batch and trainer.limit_train_batches). Resume with the same values, or start a new run folder "
                 "(run.resume=never keeps the old one untouched).")
-        self._resume = {"epoch": ranks[rank]["epoch"], "steps": ranks[rank]["batches"]}
+        positions = {(p["epoch"], p["batches"]) for p in ranks}
+        if len(positions) != 1:
+            raise ResumeError(f"the checkpoint's ranks stopped at different positions {sorted(positions)}")
+        epoch, steps = positions.pop()
+        changed = [f"{k} {saved.get(k)} -> {now[k]}" for k in ("world_size", "num_workers", "path")
+                   if saved.get(k) != now[k]]
+        if changed:
+            self.log_fn(f"data: resuming at epoch {epoch}, global batch {steps} on a new topology "
+                        f"({', '.join(changed)}); the global order continues where it stopped")
+        self._resume = {"epoch": epoch, "steps": steps}

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from pipeline.data.order import binarize, epoch_order
 from pipeline.data.stream import derived_seed, make_loader
 
 GIB = 1 << 30
@@ -76,9 +77,14 @@ class ResidentSplit:
     ranks the shorter ranks repeat their first samples so all run the same number of batches."""
 
     def __init__(self, data: torch.Tensor, *, batch_size: int, scale: float, binarize: str, seed: int,
-                 rank: int = 0, world_size: int = 1, train: bool = True, limit_steps: int | None = None):
+                 rank: int = 0, world_size: int = 1, train: bool = True, limit_steps: int | None = None,
+                 counts: list[int] | None = None, window: int = 2000):
         self.data, self.batch_size, self.scale, self.binarize = data, batch_size, float(scale), binarize
         self.seed, self.rank, self.world, self.train = seed, rank, world_size, train
+        # The epoch order is the streaming loader's (data/order.py): shard sizes in manifest order;
+        # a load that skipped unreadable data (data.on_error=skip) is ordered as one shard.
+        self.counts = tuple(counts) if counts and sum(counts) == data.shape[0] else (data.shape[0],)
+        self.window = window
         n = data.shape[0]
         if train:
             self.steps_per_epoch = n // (batch_size * world_size)
@@ -96,10 +102,10 @@ class ResidentSplit:
         self._gen = torch.Generator(device=data.device)  # reseeded per batch: no generator built per step
 
     def order(self, epoch: int) -> torch.Tensor:
-        """This rank's sample indices for the epoch, [steps_per_epoch * B], on the device."""
+        """This rank's sample indices for the epoch, [steps_per_epoch * B], on the device: its slice
+        of every global batch of the epoch's global order (data/order.py)."""
         if self._order_epoch != epoch:
-            gen = torch.Generator().manual_seed(derived_seed(self.seed, epoch, "resident-order"))
-            perm = torch.randperm(self.data.shape[0], generator=gen)
+            perm = torch.from_numpy(epoch_order(self.counts, self.seed, epoch, self.window).sample_indices())
             b, w = self.batch_size, self.world
             used = perm[: self.steps_per_epoch * b * w].view(self.steps_per_epoch, w, b)[:, self.rank]
             self._order, self._order_epoch = used.reshape(-1).to(self.data.device), epoch
@@ -112,7 +118,9 @@ class ResidentSplit:
         x = self.data[idx].float()
         if self.scale != 1.0:
             x.mul_(self.scale)
-        if self.binarize == "dynamic":
+        if self.binarize == "dynamic" and self.train:  # this rank's slice of the global batch's draw
+            x = binarize(x, self.seed, epoch, index, self.rank, self.world, generator=self._gen)
+        elif self.binarize == "dynamic":
             self._gen.manual_seed(derived_seed(self.seed, epoch, index, self.rank, "binarize"))
             x = torch.bernoulli(x, generator=self._gen)
         elif self.binarize == "threshold":

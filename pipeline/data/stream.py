@@ -10,7 +10,6 @@ resumed run skips the batches already consumed and continues with identical data
 from __future__ import annotations
 
 import functools
-import hashlib
 import multiprocessing
 import signal
 import threading
@@ -21,6 +20,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.data import order as global_order
+from pipeline.data.order import derived_seed  # noqa: F401 - re-exported (models use it for their noise)
 from pipeline.data.location import check_local_shards, load_manifest, shard_url
 from pipeline.data.plan import EpochPlan, Part, consumed_by_worker, plan_epoch
 from pipeline.data.shards import ShardError, record_checksum
@@ -29,11 +30,6 @@ from pipeline.data.shards import ShardError, record_checksum
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 # The stream *is* resumable: ShardDataModule saves every rank's position and skips to it.
 warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable")
-
-
-def derived_seed(*parts) -> int:
-    """A 63-bit seed from any tuple: independent streams for (seed, epoch, slot, batch, ...)."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
 
 
 class Decoder:
@@ -147,13 +143,17 @@ class Collate:
     def __init__(self, scale: float, binarize: str = "none", raw: bool = False):
         self.scale, self.binarize, self.raw = float(scale), binarize, raw
 
-    def __call__(self, arrays: dict, seed: int = 0) -> dict:
+    def __call__(self, arrays: dict, seed: int = 0, position: tuple | None = None) -> dict:
+        """`position`: (seed, epoch, step, rank, world size) of a training batch, whose dynamic
+        binarisation is then rank `rank`'s slice of the global batch's (data/order.py)."""
         if self.raw:  # stored dtype, unscaled (data/resident.py converts on the device)
             return {"x": torch.from_numpy(arrays["x"].copy())}
         x = torch.from_numpy(arrays["x"].astype(np.float32))  # astype copies: a writable, owned tensor
         if self.scale != 1.0:
             x.mul_(self.scale)
-        if self.binarize == "dynamic":
+        if self.binarize == "dynamic" and position is not None:
+            x = global_order.binarize(x, *position)
+        elif self.binarize == "dynamic":
             x = torch.bernoulli(x, generator=torch.Generator().manual_seed(seed))
         elif self.binarize == "threshold":
             x = (x > 0.5).float()
@@ -165,7 +165,12 @@ class Collate:
 
 
 class ShardStream(IterableDataset):
-    """The batches of one rank for one epoch, split over its DataLoader workers by the plan.
+    """The batches of one rank for one epoch, split over its DataLoader workers.
+
+    Training (`ordered`: the split's shard urls and sizes, with the global batch): the epoch's
+    global order (data/order.py); worker j of W makes the rank's batches first + j, first + j + W,
+    ..., reading the order's windows shard by shard, holding one window at a time. Evaluation: by
+    the plan (data/plan.py), every sample once.
 
     `plan_for(epoch)` gives the epoch's plan; the epoch is read when iteration starts, so one
     loader with persistent workers serves every epoch (`set_epoch`, shared with the workers).
@@ -175,7 +180,8 @@ class ShardStream(IterableDataset):
 
     def __init__(self, plan_for, *, rank: int, workers: int, seed: int, epoch: int, shuffle: bool,
                  shuffle_buffer: int, decoder: Decoder, collate: Collate, skip: int = 0, on_error: str = "stop",
-                 limit: int | None = None, shared_epoch=None, checksums: dict | None = None):
+                 limit: int | None = None, shared_epoch=None, checksums: dict | None = None,
+                 ordered: dict | None = None):
         self.plan_for, self.rank, self.workers = plan_for, rank, max(1, workers)
         self.seed, self.shuffle, self.buffer = seed, shuffle, shuffle_buffer
         self.decoder, self.collate, self.on_error, self.limit = decoder, collate, on_error, limit
@@ -184,6 +190,8 @@ class ShardStream(IterableDataset):
         self.plan, self._plan_epoch = plan_for(epoch=epoch), epoch
         self.skipped_shards = 0
         self.checksums = checksums  # shard url -> its records' checksums (None: reads not verified)
+        # training: {"urls", "counts", "batch_size", "world_size", "window", "steps"} (see the class doc)
+        self.ordered = ordered
 
     @property
     def epoch(self) -> int:
@@ -202,6 +210,8 @@ class ShardStream(IterableDataset):
         return self.plan
 
     def __len__(self) -> int:
+        if self.ordered is not None:
+            return self.ordered["steps"]
         n = self.plan.batches_on_rank(self.rank, self.workers)
         if self.limit is not None:
             n = min(n, -(-self.limit // self.plan.batch_size))
@@ -276,12 +286,54 @@ class ShardStream(IterableDataset):
         if have:
             yield _concat(pending)
 
+    def _read_window(self, order: global_order.EpochOrder, w: int) -> dict:
+        """The window's samples in its shard order, shard by shard (checked as read). Samples an
+        unreadable shard or record left out (data.on_error=skip) are filled by repeating the
+        window's others, so positions and batches stay those of the plan."""
+        window, o = order.windows[w], self.ordered
+        chunks = [c for i in window.shards
+                  for c in self._chunks(Part(o["urls"][i], 0, 1, o["counts"][i]))]
+        if not chunks:
+            raise ShardError(f"no readable samples in shards {[o['urls'][i] for i in window.shards]}")
+        arrays = _concat(chunks) if len(chunks) > 1 else chunks[0]
+        if _length(arrays) != window.size:
+            arrays = _take(arrays, np.arange(window.size) % _length(arrays))
+        return arrays
+
+    def _ordered_batches(self, epoch: int, worker: int, first: int):
+        """(step, arrays) of this rank's batches that worker `worker` makes, from step `first` on."""
+        o = self.ordered
+        order = global_order.epoch_order(tuple(o["counts"]), self.seed, epoch, o["window"])
+        held: dict[int, tuple[dict, np.ndarray]] = {}  # the window(s) the current batch reads
+        for step in range(first + worker, o["steps"], self.workers):
+            lo, hi = global_order.rank_slice(step, self.rank, o["batch_size"], o["world_size"])
+            pieces, pos = [], lo
+            while pos < hi:
+                w = order.window_at(pos)
+                if w not in held:
+                    held = {v: held[v] for v in held if v > w - 1}
+                    held[w] = (self._read_window(order, w), order.window_permutation(w))
+                arrays, perm = held[w]
+                start, end = order.windows[w].start, min(hi, order.windows[w].start + order.windows[w].size)
+                pieces.append(_take(arrays, perm[pos - start:end - start]))
+                pos = end
+            yield step, (_concat(pieces) if len(pieces) > 1 else pieces[0])
+
     def __iter__(self):
         info = get_worker_info()
         worker = 0 if info is None else info.id
         epoch = self.epoch
-        plan = self._plan_for_epoch(epoch)
         skip = self.skip if epoch == self.skip_epoch else 0
+        self.skipped_shards = 0
+        if self.ordered is not None:
+            o = self.ordered
+            for step, arrays in self._ordered_batches(epoch, worker, skip):
+                out = self.collate(arrays, position=(self.seed, epoch, step, self.rank, o["world_size"]))
+                if self.on_error == "skip":
+                    out["shards_skipped"] = torch.tensor(self.skipped_shards)
+                yield out
+            return
+        plan = self._plan_for_epoch(epoch)
         logical = (worker + skip) % self.workers  # continue the round robin (see class doc)
         slot = self.rank * self.workers + logical
         need = None if plan.batches_per_slot is None else plan.batches_per_slot * plan.batch_size
@@ -339,6 +391,10 @@ def loader_workers(num_workers: int, n_shards: int) -> int:
     return min(num_workers, max(1, n_shards * 64)) if num_workers > 0 else 0
 
 
+def _same_plan(plan: EpochPlan, epoch: int = 0) -> EpochPlan:
+    return plan
+
+
 @functools.lru_cache(maxsize=None)
 def warn_unverifiable(root: str) -> None:
     """Once per data root: shards from before per-record checksums are read unverified."""
@@ -350,14 +406,17 @@ def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False
                 seed: int = 0, epoch: int = 0, shuffle_buffer: int = 2000, num_workers: int = 0,
                 binarize: str = "none", limit: int | None = None, manifest: dict | None = None, rank: int = 0,
                 world_size: int = 1, skip: int = 0, on_error: str = "stop", worker_start: str = "forkserver",
-                persistent: bool = False, raw: bool = False, verify: bool = True) -> DataLoader:
+                persistent: bool = False, raw: bool = False, verify: bool = True,
+                steps: int | None = None) -> DataLoader:
     """A loader of dict batches {"x": float32 [B, *shape], "y": [B], "factors": [B, F]} over one split
     for one rank and one epoch. `train` (default: = shuffle) gives every rank the same number of full
     batches; otherwise every sample is read (padded by repeats only with several ranks).
     `persistent`: workers live across epochs; move the stream on with `loader.dataset.set_epoch`
     (starting workers costs ~1 s an epoch, most of a small epoch). `raw`: x in the stored dtype,
     neither scaled nor binarised. `verify`: every record checked against its checksum in the
-    manifest as it is read (data.verify)."""
+    manifest as it is read (data.verify). Training (shuffle and train) reads the epoch's global
+    order (data/order.py: the same batches for any number of ranks and workers), `steps` batches
+    per epoch (default: all full global batches) from batch `skip` on."""
     root = str(root)
     manifest = manifest or load_manifest(root)
     entry = manifest["splits"][split]
@@ -370,16 +429,31 @@ def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False
         else:
             warn_unverifiable(root)
     counts = [s["num_samples"] for s in entry["shards"]]
-    workers = loader_workers(num_workers, len(urls))
-    plan_for = functools.partial(plan_epoch, urls, counts, batch_size=batch_size, world_size=world_size,
-                                 workers=workers, seed=seed, shuffle=shuffle, train=shuffle if train is None else train)
+    train = shuffle if train is None else train
+    ordered = None
+    if shuffle and train:
+        workers = max(0, num_workers)
+        n, g = sum(counts), batch_size * world_size
+        full = global_order.steps_per_epoch(n, g)
+        if full == 0:
+            raise ValueError(f"{n} samples cannot make one global batch of {g} ({world_size} rank(s) x "
+                             f"data.batch_size={batch_size}): lower data.batch_size")
+        steps = full if steps is None else min(steps, full)
+        ordered = {"urls": urls, "counts": counts, "batch_size": batch_size, "world_size": world_size,
+                   "window": max(1, shuffle_buffer), "steps": steps}
+        # what summaries say of an epoch (picklable: workers get the stream through a forkserver)
+        plan_for = functools.partial(_same_plan, EpochPlan([], steps, batch_size, n - full * g, 0))
+    else:
+        workers = loader_workers(num_workers, len(urls))
+        plan_for = functools.partial(plan_epoch, urls, counts, batch_size=batch_size, world_size=world_size,
+                                     workers=workers, seed=seed, shuffle=shuffle, train=train)
     context = worker_context(worker_start) if workers else None
     persistent = persistent and workers > 0
     stream = ShardStream(plan_for, rank=rank, workers=workers, seed=seed, epoch=epoch, shuffle=shuffle,
                          shuffle_buffer=shuffle_buffer, decoder=Decoder(entry["shape"], entry["dtype"]),
                          collate=Collate(manifest["scale"], binarize, raw), skip=skip, on_error=on_error, limit=limit,
                          shared_epoch=context.Value("q", epoch, lock=False) if persistent else None,
-                         checksums=checksums)
+                         checksums=checksums, ordered=ordered)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=persistent,
                         multiprocessing_context=context)
     return loader

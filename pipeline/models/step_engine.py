@@ -57,12 +57,13 @@ class StepEngine:
     def _terms_from_noise(self, x, eps, beta):
         return self.module.training_terms(x, beta, None, eps=eps)
 
-    def terms(self, x: torch.Tensor, beta: float, step: int, rank: int) -> dict:
-        self.gen.manual_seed(derived_seed(self.module.cfg.run.seed, "train", step, rank))
-        if self.compiled is None:
-            return self.module.training_terms(x, beta, self.gen)
-        m = self.module.cfg.model
-        eps = torch.randn((m.k, x.shape[0], self.module.vae.noise_dim), generator=self.gen, device=x.device)
+    def terms(self, x: torch.Tensor, beta: float, step: int, rank: int, world_size: int = 1) -> dict:
+        """The step's terms. Its noise is drawn for the whole global batch from (seed, step) and each
+        rank takes its slice, so the run does not depend on how many ranks share the batch."""
+        self.gen.manual_seed(derived_seed(self.module.cfg.run.seed, "train", step))
+        eps = self.module.step_noise(x.shape[0], rank, world_size, self.gen)
+        if self.compiled is None or eps is None:
+            return self.module.training_terms(x, beta, self.gen if eps is None else None, eps=eps)
         try:
             return self.compiled(x, eps, self.beta_t.fill_(beta))
         except Exception as err:  # inductor needs a working toolchain; eager is always right
@@ -76,7 +77,7 @@ class StepEngine:
 
     def step(self, x: torch.Tensor, step: int, beta: float, rank: int = 0, world_size: int = 1,
              fault: str | None = None) -> dict:
-        terms = self.terms(x, beta, step, rank)
+        terms = self.terms(x, beta, step, rank, world_size)
         loss = terms["loss"]
         if fault == "NAN":
             loss = loss * float("nan")

@@ -61,6 +61,9 @@ class VAEModule(pl.LightningModule):
         self.samples_last_call = 0  # for the Throughput callback
         self.diverged: str | None = None
         self._fault = _nonfinite_fault()
+        # VAEPIPE_RECORD_BATCHES=PATH: each rank appends "step rank x..." per training batch to
+        # PATH.rank<r> (the tests of elastic resume check which samples every step read)
+        self._record = os.environ.get("VAEPIPE_RECORD_BATCHES")
         self.val_examples: torch.Tensor | None = None  # first validation inputs, for reconstruction grids
 
     # --- the model: what a subclass (VQVAEModule) replaces -----------------------------------------
@@ -76,6 +79,14 @@ class VAEModule(pl.LightningModule):
         """The loss (scalar) and the per-example or scalar terms logged as train/<name>; `eps`: the
         step's noise when drawn by the caller (the compiled step)."""
         return self.objective(x, beta, generator=generator, eps=eps)[0]
+
+    def step_noise(self, batch_size: int, rank: int, world_size: int, generator: torch.Generator):
+        """This rank's slice of the standard normal noise of a global batch, [K, B, noise_dim]
+        (None: the model draws its own, from `generator`)."""
+        m = self.cfg.model
+        eps = torch.randn((m.k, batch_size * world_size, self.vae.noise_dim), generator=generator,
+                          device=generator.device)
+        return eps if world_size == 1 else eps[:, rank * batch_size:(rank + 1) * batch_size].contiguous()
 
     def compile_supported(self) -> bool:
         """Whether the step's mathematics compiles as one graph: the VAE family's reparameterised
@@ -128,6 +139,9 @@ class VAEModule(pl.LightningModule):
             if self.val_examples is None:  # pictures before the first validation (or without one)
                 self.val_examples = x[:32 if x.dim() > 2 else 512].detach().clone()
             beta = self.beta(step)
+            if self._record:
+                with open(f"{self._record}.rank{rank}", "a") as f:
+                    f.write(f"{step} {rank} {' '.join(f'{v:.7g}' for v in x.flatten(1)[:, 0].tolist())}\n")
             terms = self.engine.step(x, step, beta, rank, world, fault=self._fault_at(step))
             progress.increment_ready()
             progress.increment_completed()  # global_step += 1

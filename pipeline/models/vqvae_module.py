@@ -41,6 +41,9 @@ class VQVAEModule(VAEModule):
                        eps: torch.Tensor | None = None) -> dict:
         return self.vq_terms(x, generator)
 
+    def step_noise(self, batch_size, rank, world_size, generator):
+        return None  # no reparameterisation noise; the quantiser's restarts draw from the generator
+
     def compile_supported(self) -> bool:
         return False  # the EMA codebook update (and its all-reduce) runs inside the step
 
