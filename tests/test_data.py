@@ -71,27 +71,6 @@ def test_persistent_workers_give_each_epoch_the_batches_of_a_fresh_loader(sprite
     assert loader._iterator is not None and loader._iterator._workers[0].is_alive()  # the same workers
 
 
-def test_shuffle_buffer_mixes_and_keeps_every_sample():
-    from pipeline.data.stream import ShuffleBuffer
-
-    rng = np.random.default_rng(0)
-    buf = ShuffleBuffer(1000, 100, rng)
-    out = []
-    for start in range(0, 10_000, 128):  # records of 128 samples, as in the shards
-        chunk = {"x": np.arange(start, min(start + 128, 10_000))}
-        out += [b["x"] for b in buf.add(chunk)]
-    out += [b["x"] for b in buf.drain()]
-    order = np.concatenate(out)
-    assert sorted(order.tolist()) == list(range(10_000))
-    assert all(len(b) == 100 for b in out)
-    # the first batch already mixes the whole first buffer (1000 samples), not just the first 100
-    assert out[0].max() > 500
-    # a sample leaves on average ~buffer size positions from where it came in, never ahead of its
-    # arrival by more than what was in the buffer: |displacement| mean within 10%-300% of 1000
-    displacement = np.abs(order - np.arange(10_000))
-    assert 100 < displacement.mean() < 3000
-
-
 def test_limit_and_partial_last_batch(sprites_root):
     batches = list(make_loader(str(sprites_root), "val", 50, limit=120))
     assert all(len(b["x"]) == 50 for b in all_batches(sprites_root, batch=50, shuffle=True))  # train: full

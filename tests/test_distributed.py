@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.data.plan import consumed_by_worker, plan_epoch
+from pipeline.data.plan import plan_epoch
 from pipeline.data.shards import prepare, read_manifest
 from tests.conftest import ROOT
 from pipeline.checkpoints import load_checkpoint
@@ -111,9 +111,3 @@ def test_plan_is_identical_on_every_rank_and_disjoint():
     assert sum(len(slot) for slot in ev.slots) == 8  # 2 parts per shard cover 6 slots
 
 
-def test_round_robin_bookkeeping():
-    # after n batches of a rank, worker w of W has delivered the batches n' < n with n' % W == w
-    for workers in (1, 2, 3):
-        for n in range(12):
-            assert sum(consumed_by_worker(n, w, workers) for w in range(workers)) == n
-            assert all(consumed_by_worker(n, w, workers) == len(range(w, n, workers)) for w in range(workers))

@@ -82,10 +82,3 @@ def plan_epoch(urls: list[str], counts: list[int], *, batch_size: int, world_siz
     dropped = sum(max(0, h - need) for h in have)
     repeated = sum(max(0, need - h) for h in have)
     return EpochPlan(slots, batches, batch_size, dropped, repeated)
-
-
-def consumed_by_worker(rank_batches: int, worker: int, workers: int) -> int:
-    """Batches worker `worker` has delivered after `rank_batches` batches of its rank: a
-    DataLoader takes batches from its workers in turn (0, 1, ..., W-1, 0, ...)."""
-    w = max(1, workers)
-    return max(0, (rank_batches - worker + w - 1) // w)

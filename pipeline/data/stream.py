@@ -1,10 +1,11 @@
-"""Streaming loader over the shards (webdataset) and the LightningDataModule around it.
+"""Streaming loader over the shards (webdataset: local files, http(s), pipe:).
 
-Each (rank, worker) slot reads the parts of shards that `plan.plan_epoch` gives it, as tar
-streams (webdataset: local files, http(s), pipe:), shuffles them in a buffer seeded from
-(seed, epoch, slot), and yields exactly its planned number of batches. Everything random is a
-function of (seed, epoch, slot, batch index), so a stream can be restarted at any batch: the
-resumed run skips the batches already consumed and continues with identical data.
+Training reads each epoch's global order (data/order.py): every rank its slice of every global
+batch, its workers taking turns by batch, each worker holding one window of shards at a time. It
+is a function of (seed, epoch) alone, so a stream restarts at any global batch, on any number of
+ranks and workers, with identical data. Evaluation reads every sample once, in shard order,
+split over (rank, worker) slots by `plan.plan_epoch`. Every record is checked against its
+checksum in the manifest as it is read (data.verify).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.data import order as global_order
 from pipeline.data.order import derived_seed  # noqa: F401 - re-exported (models use it for their noise)
 from pipeline.data.location import check_local_shards, load_manifest, shard_url
-from pipeline.data.plan import EpochPlan, Part, consumed_by_worker, plan_epoch
+from pipeline.data.plan import EpochPlan, Part, plan_epoch
 from pipeline.data.shards import ShardError, record_checksum
 
 # __len__ is exact here (every slot yields its planned batches), whatever Lightning fears.
@@ -86,55 +87,6 @@ def _first(chunks, limit: int):
         limit -= _length(chunk)
 
 
-class ShuffleBuffer:
-    """webdataset's shuffle buffer, a batch at a time: hold `size` samples in arrays, draw a batch
-    uniformly without replacement, refill the holes from the newest samples. The same mixing as
-    drawing one sample per incoming sample, at the cost of a few fancy-indexing calls per batch
-    instead of Python work per sample."""
-
-    def __init__(self, size: int, batch_size: int, rng: np.random.Generator):
-        self.size, self.batch_size, self.rng = max(size, batch_size), batch_size, rng
-        self.pool: dict | None = None
-        self.n = 0
-
-    def add(self, chunk: dict):
-        """Add a chunk of samples; yield the batches now drawable."""
-        m = _length(chunk)
-        if self.pool is None:
-            self.pool = {k: np.empty((self.size + self.batch_size + m, *v.shape[1:]), v.dtype) for k, v in chunk.items()}
-        if self.n + m > len(self.pool["x"]):
-            grow = self.n + m + self.batch_size
-            self.pool = {k: np.concatenate([v[:self.n], np.empty((grow - self.n, *v.shape[1:]), v.dtype)])
-                         for k, v in self.pool.items()}
-        for k, v in chunk.items():
-            self.pool[k][self.n:self.n + m] = v
-        self.n += m
-        while self.n >= self.size + self.batch_size:
-            yield self._draw()
-
-    def _draw(self) -> dict:
-        b, n = self.batch_size, self.n
-        idx = self.rng.choice(n, b, replace=False)
-        out = _take(self.pool, idx)
-        in_tail = idx >= n - b
-        drawn = np.zeros(b, dtype=bool)
-        drawn[idx[in_tail] - (n - b)] = True
-        holes, movers = idx[~in_tail], np.flatnonzero(~drawn) + (n - b)  # undrawn tail samples fill the holes
-        for v in self.pool.values():
-            v[holes] = v[movers]
-        self.n = n - b
-        return out
-
-    def drain(self):
-        """The rest, in a random order, in batches (the last one may be short)."""
-        if self.pool is None:
-            return
-        order = self.rng.permutation(self.n)
-        for i in range(0, self.n, self.batch_size):
-            yield _take(self.pool, order[i:i + self.batch_size])
-        self.n = 0
-
-
 class Collate:
     """A batch of raw arrays -> tensors, converted to float32 and scaled once per batch, then binarised
     if asked: `dynamic` draws x ~ Bernoulli(pixel) anew every epoch (the IWAE paper's MNIST) from a
@@ -183,7 +135,7 @@ class ShardStream(IterableDataset):
                  limit: int | None = None, shared_epoch=None, checksums: dict | None = None,
                  ordered: dict | None = None):
         self.plan_for, self.rank, self.workers = plan_for, rank, max(1, workers)
-        self.seed, self.shuffle, self.buffer = seed, shuffle, shuffle_buffer
+        self.seed = seed
         self.decoder, self.collate, self.on_error, self.limit = decoder, collate, on_error, limit
         self.skip, self.skip_epoch = skip, epoch
         self._epoch, self._shared = epoch, shared_epoch  # a multiprocessing Value with persistent workers
@@ -267,14 +219,8 @@ class ShardStream(IterableDataset):
                     raise ShardError(f"no readable samples in {[p.url for p in parts]}")
                 return
 
-    def _batches(self, chunks, size: int, rng: np.random.Generator | None):
-        """Chunks -> batches of `size` (the last may be short), through the shuffle buffer if rng."""
-        if rng is not None:
-            buffer = ShuffleBuffer(self.buffer, size, rng)
-            for chunk in chunks:
-                yield from buffer.add(chunk)
-            yield from buffer.drain()
-            return
+    def _batches(self, chunks, size: int):
+        """Chunks -> batches of `size` in order (the last may be short)."""
         pending, have = [], 0
         for chunk in chunks:
             pending.append(chunk)
@@ -333,22 +279,17 @@ class ShardStream(IterableDataset):
                     out["shards_skipped"] = torch.tensor(self.skipped_shards)
                 yield out
             return
-        plan = self._plan_for_epoch(epoch)
-        logical = (worker + skip) % self.workers  # continue the round robin (see class doc)
-        slot = self.rank * self.workers + logical
+        plan = self._plan_for_epoch(epoch)  # evaluation: every sample once, in shard order
+        slot = self.rank * self.workers + worker
         need = None if plan.batches_per_slot is None else plan.batches_per_slot * plan.batch_size
         chunks = self._slot_chunks(plan.slots[slot], need)
         if self.limit is not None:  # evaluation on the first N samples (one process)
             chunks = _first(chunks, self.limit)
-        rng = np.random.default_rng(derived_seed(self.seed, epoch, slot, "buffer")) if self.shuffle else None
-        done = consumed_by_worker(skip, logical, self.workers)
-        self.skipped_shards = 0
-        for index, arrays in enumerate(self._batches(chunks, plan.batch_size, rng)):
-            if index >= done:  # batches already consumed before a restart are read, not collated
-                out = self.collate(arrays, derived_seed(self.seed, epoch, slot, index))
-                if self.on_error == "skip":  # lets the training loop log how many shards were skipped
-                    out["shards_skipped"] = torch.tensor(self.skipped_shards)
-                yield out
+        for index, arrays in enumerate(self._batches(chunks, plan.batch_size)):
+            out = self.collate(arrays, derived_seed(self.seed, epoch, slot, index))
+            if self.on_error == "skip":  # lets the training loop log how many shards were skipped
+                out["shards_skipped"] = torch.tensor(self.skipped_shards)
+            yield out
 
 
 _CONTEXTS: dict = {}
@@ -430,6 +371,8 @@ def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False
             warn_unverifiable(root)
     counts = [s["num_samples"] for s in entry["shards"]]
     train = shuffle if train is None else train
+    if shuffle and not train:
+        raise ValueError("a shuffled loader is a training loader (train=True); evaluation reads in order")
     ordered = None
     if shuffle and train:
         workers = max(0, num_workers)
