@@ -56,7 +56,7 @@ class DataConfig:
     batch_size: int = 64
     eval_batch_size: int = 256
     num_workers: int = 1
-    shuffle_buffer: int = 2000
+    shuffle_buffer: int = 2000  # training order: shards grouped in windows of at least this many samples, shuffled within (data/order.py)
     binarize: str = "none"  # none | dynamic (x ~ Bernoulli(pixel), redrawn each pass) | threshold (> 0.5)
     shard_bytes: int = 64_000_000  # new shard after this many bytes ...
     shard_samples: int = 0  # ... or this many samples (0 = no count limit)
