@@ -249,7 +249,7 @@ def _fit(cfg: DictConfig) -> dict:
     primary_log = print if is_primary_process() else (lambda *_: None)
     ckpt_path = resume_checkpoint(cfg, run_dir / "checkpoints")
     if ckpt_path:
-        elastic_batch_size(cfg, load_checkpoint(ckpt_path), log=primary_log)
+        elastic_batch_size(cfg, load_checkpoint(ckpt_path, mmap=True), log=primary_log)  # tensors not read
     if is_primary_process():
         write_text(run_dir / "config.yaml", to_yaml(cfg), "config")
     datamodule = ShardDataModule(cfg.data, seed=cfg.run.seed, world_size=planned_world_size(cfg), device=planned_device(cfg),

@@ -48,7 +48,7 @@ def test_disk_full_during_fit_is_one_clear_line_and_the_run_resumes(small_fs, sp
     # Space freed: the same command continues from that checkpoint and finishes.
     subprocess.run(["mount", "-o", "remount,size=60m", str(small_fs)], check=True)
     done = vaepipe(*args)
-    assert f"resuming from {good}" in done.stdout or "resuming from" in done.stdout
+    assert "resuming from" in done.stdout
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 30
     assert (run / "summary.json").is_file() and partial_files(run) == []
 

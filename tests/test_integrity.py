@@ -4,9 +4,7 @@ error naming the shard and the record (or, with data.on_error=skip, skipped and 
 local, http and pipe: shards alike."""
 
 import json
-import shutil
 import tarfile
-import warnings
 
 import pytest
 import torch

@@ -20,6 +20,7 @@ a run interrupted on one topology continues on another at the same global sample
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import random
@@ -48,24 +49,14 @@ class EpochOrder:
     seed: int
     epoch: int
 
-    @property
-    def num_samples(self) -> int:
-        return sum(w.size for w in self.windows)
-
     def window_permutation(self, w: int) -> np.ndarray:
         """Window-local position -> window-local sample (the window's samples in its shard order)."""
         rng = np.random.default_rng(derived_seed(self.seed, self.epoch, w, "window"))
         return rng.permutation(self.windows[w].size)
 
     def window_at(self, position: int) -> int:
-        lo, hi = 0, len(self.windows) - 1
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self.windows[mid].start <= position:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+        """The window holding epoch position `position`."""
+        return bisect.bisect_right([w.start for w in self.windows], position) - 1
 
     def sample_indices(self) -> np.ndarray:
         """The whole order as indices into the split in shard order (what resident data reads)."""
@@ -96,10 +87,6 @@ def epoch_order(counts: tuple[int, ...], seed: int, epoch: int, window_samples: 
         windows.append(Window(tuple(current), start, size))
     offsets = tuple(int(v) for v in np.concatenate([[0], np.cumsum(counts)]))
     return EpochOrder(tuple(windows), offsets, seed, epoch)
-
-
-def steps_per_epoch(num_samples: int, global_batch: int) -> int:
-    return num_samples // global_batch
 
 
 def rank_slice(step: int, rank: int, batch_size: int, world_size: int) -> tuple[int, int]:

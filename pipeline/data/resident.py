@@ -20,8 +20,8 @@ import math
 
 import torch
 
-from pipeline.data.order import binarize, epoch_order
-from pipeline.data.stream import derived_seed, make_loader
+from pipeline.data.order import binarize, derived_seed, epoch_order
+from pipeline.data.stream import make_loader
 
 GIB = 1 << 30
 

@@ -130,8 +130,8 @@ class ShardStream(IterableDataset):
     collated. A DataLoader takes batches from workers in turn starting at worker 0, so on resume
     worker j plays the part of worker (j + skip) mod W: the round robin continues where it stopped."""
 
-    def __init__(self, plan_for, *, rank: int, workers: int, seed: int, epoch: int, shuffle: bool,
-                 shuffle_buffer: int, decoder: Decoder, collate: Collate, skip: int = 0, on_error: str = "stop",
+    def __init__(self, plan_for, *, rank: int, workers: int, seed: int, epoch: int, decoder: Decoder,
+                 collate: Collate, skip: int = 0, on_error: str = "stop",
                  limit: int | None = None, shared_epoch=None, checksums: dict | None = None,
                  ordered: dict | None = None):
         self.plan_for, self.rank, self.workers = plan_for, rank, max(1, workers)
@@ -250,15 +250,14 @@ class ShardStream(IterableDataset):
         """(step, arrays) of this rank's batches that worker `worker` makes, from step `first` on."""
         o = self.ordered
         order = global_order.epoch_order(tuple(o["counts"]), self.seed, epoch, o["window"])
-        held: dict[int, tuple[dict, np.ndarray]] = {}  # the window(s) the current batch reads
+        held: dict[int, tuple[dict, np.ndarray]] = {}  # the one window held: workers only move forward
         for step in range(first + worker, o["steps"], self.workers):
             lo, hi = global_order.rank_slice(step, self.rank, o["batch_size"], o["world_size"])
             pieces, pos = [], lo
             while pos < hi:
                 w = order.window_at(pos)
                 if w not in held:
-                    held = {v: held[v] for v in held if v > w - 1}
-                    held[w] = (self._read_window(order, w), order.window_permutation(w))
+                    held = {w: (self._read_window(order, w), order.window_permutation(w))}
                 arrays, perm = held[w]
                 start, end = order.windows[w].start, min(hi, order.windows[w].start + order.windows[w].size)
                 pieces.append(_take(arrays, perm[pos - start:end - start]))
@@ -377,7 +376,7 @@ def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False
     if shuffle and train:
         workers = max(0, num_workers)
         n, g = sum(counts), batch_size * world_size
-        full = global_order.steps_per_epoch(n, g)
+        full = n // g  # full global batches (data/order.py)
         if full == 0:
             raise ValueError(f"{n} samples cannot make one global batch of {g} ({world_size} rank(s) x "
                              f"data.batch_size={batch_size}): lower data.batch_size")
@@ -392,8 +391,8 @@ def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False
                                      workers=workers, seed=seed, shuffle=shuffle, train=train)
     context = worker_context(worker_start) if workers else None
     persistent = persistent and workers > 0
-    stream = ShardStream(plan_for, rank=rank, workers=workers, seed=seed, epoch=epoch, shuffle=shuffle,
-                         shuffle_buffer=shuffle_buffer, decoder=Decoder(entry["shape"], entry["dtype"]),
+    stream = ShardStream(plan_for, rank=rank, workers=workers, seed=seed, epoch=epoch,
+                         decoder=Decoder(entry["shape"], entry["dtype"]),
                          collate=Collate(manifest["scale"], binarize, raw), skip=skip, on_error=on_error, limit=limit,
                          shared_epoch=context.Value("q", epoch, lock=False) if persistent else None,
                          checksums=checksums, ordered=ordered)
