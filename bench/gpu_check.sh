@@ -3,23 +3,25 @@
 #
 #   bash bench/gpu_check.sh            # from the repository root; prints everything, exits 0
 #
-# 1. the tests marked gpu: fp32, bf16-mixed and 16-mixed training with the fast path (resident data,
-#    several steps per call, the compiled step), and exact resume on the GPU;
-# 2. bench/gpu_throughput.py: samples/s fp32 vs bf16-mixed with and without the fast path, the bare
-#    eager loop, and the fraction of the GPU's measured matmul peak;
+# 1. bench/gpu_throughput.py: samples/s fp32 vs bf16-mixed with and without the fast path (and
+#    without the whole-step CUDA graph, and with 64 steps per call), the bare eager loop, and the
+#    fraction of the GPU's measured matmul peak (first: the figure issue 12 waits for);
+# 2. the tests marked gpu: fp32, bf16-mixed and 16-mixed training with the fast path (resident data,
+#    several steps per call, the compiled step, the whole step as one CUDA graph), the graph against
+#    step-by-step launches, and exact resume on the GPU;
 # 3. the IWAE paper's VAE k=1 schedule on the fixed binarisation of MNIST for as long as
-#    GPU_CHECK_TRAIN_S seconds allow (default 120; SIGUSR1 then checkpoints and stops it, the
+#    GPU_CHECK_TRAIN_S seconds allow (default 90; SIGUSR1 then checkpoints and stops it, the
 #    preemption path), and its test NLL with K = 5000 importance samples on the 10 000 test images.
 # Data: VAEPIPE_DATA (default ../shared/data) holding binarized_mnist/binarized_mnist_uint8.npz;
 # without it step 3 is skipped and step 2 uses random binary images. Without a GPU it says so and
 # exits 0. Record what it prints in docs/results.md with the date and the device.
-# Timing on an H100 (2026-11-27): the tests ~3 min (each training process compiles its step),
-# the throughput rows ~3 min, then the schedule and a few seconds of evaluation.
+# Timing on an H100 (2026-11-27, before the whole-step graph): 4 tests ~3.6 min (each training process
+# compiles its step), throughput rows ~40 s each, then the schedule and a few seconds of evaluation.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 DATA=${VAEPIPE_DATA:-../shared/data}
-TRAIN_S=${GPU_CHECK_TRAIN_S:-120}
+TRAIN_S=${GPU_CHECK_TRAIN_S:-90}
 WORK=${GPU_CHECK_DIR:-$(mktemp -d)}
 export WANDB_MODE=offline PYTHONUNBUFFERED=1
 
@@ -33,11 +35,11 @@ section "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 "$PY" -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'lightning', pl.__version__)"
 
-section "1. tests marked gpu"
-"$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider || status=1
-
-section "2. throughput"
+section "1. throughput"
 "$PY" bench/gpu_throughput.py --data "$DATA/binarized_mnist/binarized_mnist_uint8.npz" || status=1
+
+section "2. tests marked gpu"
+"$PY" -m pytest -q -s -m gpu tests/test_gpu.py -p no:cacheprovider || status=1  # -s: the tests' measured figures
 
 section "3. IWAE paper VAE k=1, fixed binarisation, ${TRAIN_S} s of its schedule"
 NPZ="$DATA/binarized_mnist/binarized_mnist_uint8.npz"

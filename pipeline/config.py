@@ -90,6 +90,7 @@ class TrainerConfig:
     strategy: str = "auto"
     precision: str = "32-true"
     steps_per_call: int = 16  # optimizer steps per Lightning batch (docs/performance.md); not a Trainer argument
+    cuda_graph: bool = True  # one GPU, compiled step: capture the whole optimizer step as one CUDA graph (docs/performance.md)
     max_steps: int = -1
     max_epochs: Optional[int] = 5
     limit_train_batches: Any = None

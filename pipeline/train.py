@@ -172,10 +172,10 @@ def steps_per_call(cfg: DictConfig, steps_per_epoch: int, log=print) -> int:
 
 def trainer_kwargs(cfg: DictConfig, k: int = 1) -> dict:
     """The Trainer's arguments; step counts given per optimizer step become Lightning batches (calls
-    of k steps); steps_per_call, gradient clipping and limit_train_batches are ours (step engine,
+    of k steps); steps_per_call, cuda_graph, gradient clipping and limit_train_batches are ours (step engine,
     datamodule)."""
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
-    for ours in ("steps_per_call", "gradient_clip_val", "limit_train_batches"):
+    for ours in ("steps_per_call", "cuda_graph", "gradient_clip_val", "limit_train_batches"):
         kwargs.pop(ours, None)
     if isinstance(kwargs.get("val_check_interval"), int):
         kwargs["val_check_interval"] = kwargs["val_check_interval"] // k

@@ -139,3 +139,82 @@ def test_schedules_count_optimizer_steps_not_calls(sprites_root, tmp_path):
     for step in (19, 39):  # logged after step `step`: the scheduler has made step + 1 steps
         want = 1e-3 * 0.5 * (1 + math.cos(math.pi * (step + 1) / 40))
         assert lr[step] == pytest.approx(want, rel=1e-6, abs=1e-12), (step, lr[step], want)
+
+
+def test_a_skipped_update_changes_nothing_the_graph_warm_up_relies_on():
+    # The CUDA graph's warm-up (step_engine._capture) makes three updates with `skip` before capturing,
+    # to compile the step and create Adam's moments outside the graph. That is only sound if a skipped
+    # fused-Adam update leaves weights, moments and the step count as they were, on a fresh optimizer
+    # and on one with state (a resumed run): the next real update must equal that of an optimizer
+    # that never saw the warm-up. Checked here on the CPU's fused kernel (same found_inf contract).
+    from pipeline.models.step_engine import StepEngine, make_optimizer
+
+    cfg = load_config([], ["optim.lr=1e-2"]).optim
+    torch.manual_seed(0)
+    xs = [torch.randn(16, 8) for _ in range(4)]
+
+    def engine():
+        torch.manual_seed(1)
+        net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        return net, StepEngine(None, make_optimizer(net.parameters(), cfg))
+
+    def update(net, eng, x, skip=False):
+        eng._update(net(x).square().mean(), skip=skip)
+        eng.opt.zero_grad(set_to_none=True)
+
+    for history in (0, 2):  # fresh, and after two real steps
+        (a, ea), (b, eb) = engine(), engine()
+        for x in xs[:history]:
+            update(a, ea, x), update(b, eb, x)
+        for _ in range(3):
+            update(a, ea, xs[3], skip=True)
+        assert int(ea.skipped) == 3  # counted (the capture restores the counters afterwards)
+        update(a, ea, xs[2]), update(b, eb, xs[2])
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            assert torch.equal(pa, pb)
+            sa, sb = ea.opt.state[pa], eb.opt.state[pb]
+            assert all(torch.equal(sa[k], sb[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+
+
+def test_checkpoints_do_not_keep_the_graphs_device_learning_rate():
+    # Under the CUDA graph the optimizer's lr is a device tensor and the group is capturable; the
+    # checkpoint keeps plain floats, so it resumes anywhere (CPU, another GPU, without the graph).
+    from pipeline.models.step_engine import StepEngine
+
+    ckpt = {"optimizer_states": [{"state": {}, "param_groups": [{"lr": torch.tensor(3e-4), "capturable": True}]}],
+            "lr_schedulers": [{"_last_lr": [torch.tensor(3e-4)], "base_lrs": [1e-3]}]}
+    StepEngine.portable(ckpt)
+    group = ckpt["optimizer_states"][0]["param_groups"][0]
+    assert isinstance(group["lr"], float) and group["lr"] == pytest.approx(3e-4) and group["capturable"] is False
+    assert isinstance(ckpt["lr_schedulers"][0]["_last_lr"][0], float)
+
+
+def test_a_failed_graph_capture_falls_back_to_ordinary_steps(sprites_root, capsys):
+    # Where capturing the step fails (here: a CPU has no CUDA streams; on a GPU, e.g. an operation
+    # that cannot be captured), the run goes on with ordinary steps, says so once, and is the run it
+    # would have been: the warm-up left weights, moments, counters and the learning rate as they were.
+    from omegaconf import OmegaConf
+
+    from pipeline.models.step_engine import StepEngine, make_optimizer
+
+    cfg = OmegaConf.to_container(load_config([], [f"data.root={sprites_root}", "model.arch=mlp", "model.hidden=[32]",
+                                                  "model.latent_dim=4", "model.beta_warmup_steps=3"]))
+    x = torch.bernoulli(torch.full((16, 64, 64), 0.3), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for graph in (False, True):
+        torch.manual_seed(0)
+        module = VAEModule(cfg, [64, 64])
+        opt = make_optimizer(module.parameters(), module.cfg.optim)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.9**s)
+        engine = StepEngine(module, opt, sched)
+        engine.cuda_graph = graph  # as a GPU engine would be built
+        for step in range(5):
+            engine.step(x, step, module.beta(step))
+        runs.append((module, engine))
+    note = capsys.readouterr().err
+    assert note.count("as one CUDA graph failed") == 1 and "trainer.cuda_graph=false" in note
+    (plain, e0), (fallen, e1) = runs
+    assert not e1.cuda_graph and isinstance(e1.opt.param_groups[0]["lr"], float)
+    assert e1.opt.param_groups[0]["lr"] == e0.opt.param_groups[0]["lr"] and int(e1.skipped) == 0
+    for a, b in zip(plain.parameters(), fallen.parameters()):
+        assert torch.equal(a, b)

@@ -10,8 +10,11 @@ costs (bench/pipeline_overhead.py):
   untouched; the counts stay on the device until they are logged;
 - under DDP the gradients (and the loss's finiteness) are averaged in one all-reduce per step,
   issued here: Lightning's DDP wrapper expects one backward per forward, and a call makes K;
-- optionally the step's mathematics compiled (`torch.compile`, CUDA graphs on GPU), its noise
-  drawn outside and passed in, with an eager fallback that says so once.
+- optionally the step's mathematics compiled (`torch.compile`), its noise drawn outside and passed
+  in, with an eager fallback that says so once;
+- on one CUDA GPU (trainer.cuda_graph) the whole optimizer step — compiled forward and backward,
+  non-finite check, clipping, fused Adam, counters — captured once as one CUDA graph and replayed
+  each step: per step the host only draws the noise, copies the batch in and launches the graph.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def make_optimizer(params, o) -> torch.optim.Optimizer:
 
 class StepEngine:
     def __init__(self, module, optimizer: torch.optim.Optimizer, scheduler=None, *, clip_val: float | None = None,
-                 precision: str = "32-true", compile_mode: str | None = None):
+                 precision: str = "32-true", compile_mode: str | None = None, cuda_graph: bool = False):
         self.module, self.opt, self.sched, self.clip_val = module, optimizer, scheduler, clip_val
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         device = self.params[0].device
@@ -49,8 +52,13 @@ class StepEngine:
         self.compiled = None
         self.beta_t = zero.clone()  # beta as a device tensor for the compiled step: a float input would
         # be recompiled for every value of a warm-up, or kept on the CPU, which CUDA graphs refuse
+        # The whole-step graph needs the compiled step without its own CUDA graphs (they do not nest)
+        # and no GradScaler (its scale is read on the host).
+        self.cuda_graph = (cuda_graph and device.type == "cuda" and compile_mode is not None and self.scaler is None)
+        self.graph: torch.cuda.CUDAGraph | None = None
         if compile_mode is not None:
-            self.compiled = torch.compile(self._terms_from_noise, mode=compile_mode, dynamic=False)
+            mode = "default" if self.cuda_graph else compile_mode
+            self.compiled = torch.compile(self._terms_from_noise, mode=mode, dynamic=False)
 
     # --- the objective ----------------------------------------------------------------------------
 
@@ -77,10 +85,26 @@ class StepEngine:
 
     def step(self, x: torch.Tensor, step: int, beta: float, rank: int = 0, world_size: int = 1,
              fault: str | None = None) -> dict:
+        if self.cuda_graph and world_size == 1 and fault is None:
+            terms = self._graphed_step(x, step, beta)
+            if terms is not None:
+                return terms
         terms = self.terms(x, beta, step, rank, world_size)
         loss = terms["loss"]
         if fault == "NAN":
             loss = loss * float("nan")
+        self._update(loss, world_size, fault)
+        if self.scaler is not None:
+            self.scaler.update()
+        if self.sched is not None:
+            self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return terms
+
+    def _update(self, loss: torch.Tensor, world_size: int = 1, fault: str | None = None, skip: bool = False) -> None:
+        """Backward, the non-finite guard, clipping, the optimizer's update and the skip counters: all
+        on the device (no host synchronisation), so the whole of it can be one CUDA graph. `skip`:
+        an update that changes nothing (the graph's warm-up)."""
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         grads = [p.grad for p in self.params if p.grad is not None]
         self.found.copy_(~torch.isfinite(loss.detach()))
@@ -95,17 +119,86 @@ class StepEngine:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found, self.one)
         if self.clip_val:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip_val, foreach=True)
+        if skip:
+            self.found.fill_(1)
         self.opt.found_inf = self.found  # read by the fused kernel: no update, no state change, when 1
         self.opt.step()
-        if self.scaler is not None:
-            self.scaler.update()
-        if self.sched is not None:
-            self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
         self.skipped.add_(self.found)
         self.run.add_(1).mul_(self.found)
         torch.maximum(self.longest, self.run, out=self.longest)
+
+    # --- the whole step as one CUDA graph -----------------------------------------------------------
+
+    def _graphed_step(self, x: torch.Tensor, step: int, beta: float) -> dict | None:
+        """The step by replaying the captured graph (captured at the first call); None where the
+        graph cannot serve (then the caller takes the ordinary path)."""
+        self.gen.manual_seed(derived_seed(self.module.cfg.run.seed, "train", step))
+        eps = self.module.step_noise(x.shape[0], 0, 1, self.gen)
+        if self.graph is None and not self._capture(x, eps, beta):
+            return None
+        if x.shape != self.static_x.shape:  # a batch of another size: this step eagerly
+            return None
+        self.static_x.copy_(x)
+        self.static_eps.copy_(eps)
+        self.beta_t.fill_(beta)
+        self.graph.replay()
+        if self.sched is not None:
+            self.sched.step()  # fills the device tensor the graph's fused Adam reads as its lr
+        return self.static_terms
+
+    def _graph_body(self, skip: bool) -> dict:
+        # Lightning's autocast caches weight casts across calls, which a graph must not (its casts
+        # are replayed); the same autocast, uncached, around the compiled mathematics.
+        with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
+                            cache_enabled=False):
+            terms = self.compiled(self.static_x, self.static_eps, self.beta_t)
+        self._update(terms["loss"], skip=skip)
         return terms
+
+    def _capture(self, x: torch.Tensor, eps: torch.Tensor, beta: float) -> bool:
+        """Capture one optimizer step as a CUDA graph. The optimizer reads its learning rate from a
+        device tensor (which the scheduler fills) and is marked capturable; warm-up steps (which
+        compile the mathematics and create Adam's moments) are made with the update skipped, so
+        they change neither weights, moments nor counters. On failure: one note, ordinary steps."""
+        counters = [t.clone() for t in (self.skipped, self.run, self.longest, self.loss_bad)]
+        groups = [(g["lr"], g.get("capturable", False)) for g in self.opt.param_groups]
+        try:
+            for g in self.opt.param_groups:
+                if not isinstance(g["lr"], torch.Tensor):
+                    g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32, device=x.device)
+                g["capturable"] = True
+            self.opt._warned_capturable_if_run_uncaptured = True  # the warm-up steps run uncaptured
+            self.static_x, self.static_eps = x.clone(), eps.clone()
+            self.beta_t.fill_(beta)
+            self.opt.zero_grad(set_to_none=True)
+            side = torch.cuda.Stream(device=x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self._graph_body(skip=True)
+                    self.opt.zero_grad(set_to_none=True)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            for t, saved in zip((self.skipped, self.run, self.longest, self.loss_bad), counters):
+                t.copy_(saved)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: a loader thread's CUDA calls (streaming path) do not abort the capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                terms = self._graph_body(skip=False)
+            self.graph, self.static_terms = graph, terms
+            self.opt.zero_grad(set_to_none=True)  # the graph keeps its gradients in its own memory pool
+            return True
+        except Exception as err:
+            print(f"note: capturing the training step as one CUDA graph failed ({type(err).__name__}: "
+                  f"{str(err).splitlines()[0][:200] if str(err) else ''}); steps are launched one by one "
+                  "(trainer.cuda_graph=false skips the attempt)", file=sys.stderr)
+            self.cuda_graph, self.graph = False, None
+            for g, (lr, capturable) in zip(self.opt.param_groups, groups):
+                g["lr"] = float(lr) if isinstance(lr, torch.Tensor) else lr
+                g["capturable"] = capturable
+            for t, saved in zip((self.skipped, self.run, self.longest, self.loss_bad), counters):
+                t.copy_(saved)
+            self.opt.zero_grad(set_to_none=True)
+            return False
 
     def _average(self, grads: list[torch.Tensor], world_size: int) -> None:
         """Mean of the gradients over ranks and whether any rank's loss was non-finite, in one
@@ -120,6 +213,19 @@ class StepEngine:
             offset += g.numel()
 
     # --- checkpoints --------------------------------------------------------------------------------
+
+    @staticmethod
+    def portable(checkpoint: dict) -> None:
+        """The optimizer and scheduler states as an ordinary run writes them: the graph's device
+        learning-rate tensor and `capturable` flag would tie a checkpoint to a GPU."""
+        for state in checkpoint.get("optimizer_states", []):
+            for g in state.get("param_groups", []):
+                if isinstance(g.get("lr"), torch.Tensor):
+                    g["lr"] = g["lr"].item()
+                    g["capturable"] = False
+        for state in checkpoint.get("lr_schedulers", []):
+            if "_last_lr" in state:
+                state["_last_lr"] = [v.item() if isinstance(v, torch.Tensor) else v for v in state["_last_lr"]]
 
     def state_dict(self) -> dict:
         return {"skipped": self.skipped.cpu(), "scaler": self.scaler.state_dict() if self.scaler else {}}

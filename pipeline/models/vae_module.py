@@ -176,7 +176,7 @@ class VAEModule(pl.LightningModule):
             values.append(batch["shards_skipped"].float())
         metrics = dict(zip(names, torch.stack(values).tolist()))
         metrics["train/beta"] = beta
-        metrics["train/lr"] = self.engine.opt.param_groups[0]["lr"]
+        metrics["train/lr"] = float(self.engine.opt.param_groups[0]["lr"])  # a device tensor under the CUDA graph
         for logger in self.trainer.loggers:
             logger.log_metrics(metrics, step=step)
             logger.save()
@@ -201,7 +201,8 @@ class VAEModule(pl.LightningModule):
             trainer = self.trainer
             sched = trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
             self.engine = StepEngine(self, trainer.optimizers[0], sched, clip_val=self.cfg.trainer.gradient_clip_val,
-                                     precision=str(trainer.precision), compile_mode=self.compile_mode())
+                                     precision=str(trainer.precision), compile_mode=self.compile_mode(),
+                                     cuda_graph=self.cfg.trainer.cuda_graph and trainer.world_size == 1)
             if self._engine_state:
                 self.engine.load_state_dict(self._engine_state)
         ddp = self.trainer.strategy.model
@@ -211,6 +212,7 @@ class VAEModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         if self.engine is not None:
             checkpoint["step_engine"] = self.engine.state_dict()
+        StepEngine.portable(checkpoint)
 
     def on_load_checkpoint(self, checkpoint):
         self._engine_state = checkpoint.get("step_engine")
