@@ -48,6 +48,14 @@ class StepEngine:
         # skipped steps, the longest run since the last check, whether the last skip was the loss.
         self.skipped, self.run, self.longest, self.loss_bad = zero.clone(), zero.clone(), zero.clone(), zero.clone()
         self.scaler = torch.amp.GradScaler(device.type) if str(precision).startswith("16") else None
+        if isinstance(optimizer, torch.optim.SGD):
+            # Fused SGD creates its momentum buffers uninitialised at its first step and fills them
+            # only if that step is taken: a skipped first step (non-finite) would leave garbage.
+            # Zeros give the first real step's buffer = gradient, as SGD's own first step does.
+            for group in optimizer.param_groups:
+                if group["momentum"]:
+                    for p in group["params"]:
+                        optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
         self.gen = torch.Generator(device=device)
         self.compiled = None
         self.beta_t = zero.clone()  # beta as a device tensor for the compiled step: a float input would
@@ -147,8 +155,8 @@ class StepEngine:
         return self.static_terms
 
     def _graph_body(self, skip: bool) -> dict:
-        # Lightning's autocast caches weight casts across calls, which a graph must not (its casts
-        # are replayed); the same autocast, uncached, around the compiled mathematics.
+        # A graph must not use autocast's cache of weight casts (the casts are replayed): the
+        # surrounding autocast again, uncached for certain (Lightning 2.6 already disables it).
         with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
                             cache_enabled=False):
             terms = self.compiled(self.static_x, self.static_eps, self.beta_t)
@@ -162,22 +170,24 @@ class StepEngine:
         they change neither weights, moments nor counters. On failure: one note, ordinary steps."""
         counters = [t.clone() for t in (self.skipped, self.run, self.longest, self.loss_bad)]
         groups = [(g["lr"], g.get("capturable", False)) for g in self.opt.param_groups]
+        stream = torch.cuda.current_stream(x.device) if x.device.type == "cuda" else None
         try:
             for g in self.opt.param_groups:
                 if not isinstance(g["lr"], torch.Tensor):
                     g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32, device=x.device)
                 g["capturable"] = True
-            self.opt._warned_capturable_if_run_uncaptured = True  # the warm-up steps run uncaptured
             self.static_x, self.static_eps = x.clone(), eps.clone()
             self.beta_t.fill_(beta)
             self.opt.zero_grad(set_to_none=True)
             side = torch.cuda.Stream(device=x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    self._graph_body(skip=True)
-                    self.opt.zero_grad(set_to_none=True)
-            torch.cuda.current_stream(x.device).wait_stream(side)
+            side.wait_stream(stream)
+            try:
+                with torch.cuda.stream(side):
+                    for _ in range(3):
+                        self._graph_body(skip=True)
+                        self.opt.zero_grad(set_to_none=True)
+            finally:
+                stream.wait_stream(side)
             for t, saved in zip((self.skipped, self.run, self.longest, self.loss_bad), counters):
                 t.copy_(saved)
             graph = torch.cuda.CUDAGraph()
@@ -188,8 +198,14 @@ class StepEngine:
             self.opt.zero_grad(set_to_none=True)  # the graph keeps its gradients in its own memory pool
             return True
         except Exception as err:
-            print(f"note: capturing the training step as one CUDA graph failed ({type(err).__name__}: "
-                  f"{str(err).splitlines()[0][:200] if str(err) else ''}); steps are launched one by one "
+            # An invalidated capture raises at its end, before torch.cuda.graph restores the stream:
+            # back to the run's stream, and the cause (the error inside the capture) in the note.
+            if stream is not None:
+                torch.cuda.set_stream(stream)
+                torch.cuda.synchronize(x.device)
+            cause = err.__context__ or err
+            print(f"note: capturing the training step as one CUDA graph failed ({type(cause).__name__}: "
+                  f"{str(cause).splitlines()[0][:200] if str(cause) else ''}); steps are launched one by one "
                   "(trainer.cuda_graph=false skips the attempt)", file=sys.stderr)
             self.cuda_graph, self.graph = False, None
             for g, (lr, capturable) in zip(self.opt.param_groups, groups):
