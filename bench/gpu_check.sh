@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: one command, about 8 minutes on one GPU, nothing beyond the README's set-up.
+# The GPU check: one command, about 10 minutes on one GPU (GPU_CHECK_SECTIONS="1 2": ~8), nothing beyond
+# the README's set-up.
 #
 #   bash bench/gpu_check.sh            # from the repository root; prints everything, exits 0
 #
@@ -12,6 +13,8 @@
 # 3. the IWAE paper's VAE k=1 schedule on the fixed binarisation of MNIST for as long as
 #    GPU_CHECK_TRAIN_S seconds allow (default 90; SIGUSR1 then checkpoints and stops it, the
 #    preemption path), and its test NLL with K = 5000 importance samples on the 10 000 test images.
+# GPU_CHECK_SECTIONS (default "1 2 3") picks sections, e.g. "1 2" where one command may run only
+# ~8 minutes (the three together take ~10 on an H100: every training process compiles its step).
 # Data: VAEPIPE_DATA (default ../shared/data) holding binarized_mnist/binarized_mnist_uint8.npz;
 # without it step 3 is skipped and step 2 uses random binary images. Without a GPU it says so and
 # exits 0. Record what it prints in docs/results.md with the date and the device.
@@ -22,6 +25,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 DATA=${VAEPIPE_DATA:-../shared/data}
 TRAIN_S=${GPU_CHECK_TRAIN_S:-90}
+SECTIONS=" ${GPU_CHECK_SECTIONS:-1 2 3} "
 WORK=${GPU_CHECK_DIR:-$(mktemp -d)}
 export WANDB_MODE=offline PYTHONUNBUFFERED=1
 
@@ -35,11 +39,16 @@ section "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 "$PY" -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'lightning', pl.__version__)"
 
-section "1. throughput"
-"$PY" bench/gpu_throughput.py --data "$DATA/binarized_mnist/binarized_mnist_uint8.npz" || status=1
+if [[ $SECTIONS == *" 1 "* ]]; then
+  section "1. throughput"
+  "$PY" bench/gpu_throughput.py --data "$DATA/binarized_mnist/binarized_mnist_uint8.npz" || status=1
+fi
 
-section "2. tests marked gpu"
-"$PY" -m pytest -q -s -m gpu tests/test_gpu.py -p no:cacheprovider || status=1  # -s: the tests' measured figures
+if [[ $SECTIONS == *" 2 "* ]]; then
+  section "2. tests marked gpu"
+  "$PY" -m pytest -q -s -m gpu tests/test_gpu.py -p no:cacheprovider || status=1  # -s: the tests' measured figures
+fi
+[[ $SECTIONS == *" 3 "* ]] || { section "done: status $status"; exit 0; }
 
 section "3. IWAE paper VAE k=1, fixed binarisation, ${TRAIN_S} s of its schedule"
 NPZ="$DATA/binarized_mnist/binarized_mnist_uint8.npz"

@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.data.shards import prepare
 
@@ -28,12 +29,13 @@ def sprites_root(tmp_path_factory) -> Path:
 
 class _ForkServer:
     """tests/fork_server.py, started at the first command: the commands run as children forked
-    from one interpreter that has imported torch and Lightning (~5 s a command saved).
-    VAEPIPE_TEST_FORK_SERVER=0 runs every command as a fresh `python -m pipeline` instead."""
+    from one interpreter that has imported torch and Lightning (~5 s a command saved). On machines
+    with CUDA, and with VAEPIPE_TEST_FORK_SERVER=0, every command is a fresh `python -m pipeline`."""
 
     def __init__(self):
         self.proc, self.lock = None, threading.Lock()
-        self.enabled = os.environ.get("VAEPIPE_TEST_FORK_SERVER", "1") != "0"
+        # Not where CUDA is: a child forked after anything touched the CUDA driver cannot use it.
+        self.enabled = os.environ.get("VAEPIPE_TEST_FORK_SERVER", "1") != "0" and not torch.cuda.is_available()
         self.tmp = Path(tempfile.mkdtemp(prefix="vaepipe-fork-"))
         self.count = 0
 
