@@ -73,8 +73,10 @@ def test_time_limit_signal_checkpoint_requeue_and_finish(cluster, sprites_root, 
                  "slurm.signal_grace_s=100", "model.latent_dim=4", "data.num_workers=0", "--time", "00:03:00",
                  *COMMON)
     deadline = time.time() + 300
-    while int(cluster.job(job).get("Restarts", 0)) < 1 and cluster.job(job).get("JobState") not in (
-            "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") and time.time() < deadline:
+    while time.time() < deadline:
+        info = cluster.job(job)
+        if int(info.get("Restarts", 0)) >= 1 or info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            break
         time.sleep(0.5)
     cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=00:15:00", check=False)
     info = cluster.wait(job, timeout=600)

@@ -126,9 +126,8 @@ class ShardStream(IterableDataset):
 
     `plan_for(epoch)` gives the epoch's plan; the epoch is read when iteration starts, so one
     loader with persistent workers serves every epoch (`set_epoch`, shared with the workers).
-    `skip` batches (already consumed by this rank in epoch `epoch`, on resume) are read but not
-    collated. A DataLoader takes batches from workers in turn starting at worker 0, so on resume
-    worker j plays the part of worker (j + skip) mod W: the round robin continues where it stopped."""
+    `skip`: the global batches of epoch `epoch` already trained on (on resume); worker j then starts
+    at batch skip + j, so the DataLoader's turns (from worker 0) continue in order."""
 
     def __init__(self, plan_for, *, rank: int, workers: int, seed: int, epoch: int, decoder: Decoder,
                  collate: Collate, skip: int = 0, on_error: str = "stop",

@@ -46,7 +46,8 @@ class StepEngine:
         self.found, self.one = zero.clone(), torch.ones((), device=device)
         # Device-side counters, read only when logged: skipped steps in all, the current run of
         # skipped steps, the longest run since the last check, whether the last skip was the loss.
-        self.skipped, self.run, self.longest, self.loss_bad = zero.clone(), zero.clone(), zero.clone(), zero.clone()
+        self.counters = tuple(zero.clone() for _ in range(4))
+        self.skipped, self.run, self.longest, self.loss_bad = self.counters
         self.scaler = torch.amp.GradScaler(device.type) if str(precision).startswith("16") else None
         if isinstance(optimizer, torch.optim.SGD):
             # Fused SGD creates its momentum buffers uninitialised at its first step and fills them
@@ -60,9 +61,11 @@ class StepEngine:
         self.compiled = None
         self.beta_t = zero.clone()  # beta as a device tensor for the compiled step: a float input would
         # be recompiled for every value of a warm-up, or kept on the CPU, which CUDA graphs refuse
-        # The whole-step graph needs the compiled step without its own CUDA graphs (they do not nest)
-        # and no GradScaler (its scale is read on the host).
-        self.cuda_graph = (cuda_graph and device.type == "cuda" and compile_mode is not None and self.scaler is None)
+        # The whole-step graph needs the compiled step without its own CUDA graphs (they do not nest),
+        # no GradScaler (its scale is read on the host) and Adam/AdamW (fused SGD decides its first
+        # step on the host). `cuda_graph` from the caller: asked for, and one process.
+        self.cuda_graph = (cuda_graph and device.type == "cuda" and compile_mode is not None and self.scaler is None
+                           and isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)))
         self.graph: torch.cuda.CUDAGraph | None = None
         if compile_mode is not None:
             mode = "default" if self.cuda_graph else compile_mode
@@ -73,11 +76,15 @@ class StepEngine:
     def _terms_from_noise(self, x, eps, beta):
         return self.module.training_terms(x, beta, None, eps=eps)
 
-    def terms(self, x: torch.Tensor, beta: float, step: int, rank: int, world_size: int = 1) -> dict:
-        """The step's terms. Its noise is drawn for the whole global batch from (seed, step) and each
-        rank takes its slice, so the run does not depend on how many ranks share the batch."""
+    def noise(self, x: torch.Tensor, step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor | None:
+        """This rank's slice of the step's noise, drawn for the whole global batch from (seed, step),
+        so the run does not depend on how many ranks share the batch (None: the model draws its own)."""
         self.gen.manual_seed(derived_seed(self.module.cfg.run.seed, "train", step))
-        eps = self.module.step_noise(x.shape[0], rank, world_size, self.gen)
+        return self.module.step_noise(x.shape[0], rank, world_size, self.gen)
+
+    def terms(self, x: torch.Tensor, beta: float, step: int, rank: int, world_size: int = 1) -> dict:
+        """The step's terms, compiled where asked, from the step's noise."""
+        eps = self.noise(x, step, rank, world_size)
         if self.compiled is None or eps is None:
             return self.module.training_terms(x, beta, self.gen if eps is None else None, eps=eps)
         try:
@@ -93,7 +100,7 @@ class StepEngine:
 
     def step(self, x: torch.Tensor, step: int, beta: float, rank: int = 0, world_size: int = 1,
              fault: str | None = None) -> dict:
-        if self.cuda_graph and world_size == 1 and fault is None:
+        if self.cuda_graph and fault is None:
             terms = self._graphed_step(x, step, beta)
             if terms is not None:
                 return terms
@@ -140,8 +147,7 @@ class StepEngine:
     def _graphed_step(self, x: torch.Tensor, step: int, beta: float) -> dict | None:
         """The step by replaying the captured graph (captured at the first call); None where the
         graph cannot serve (then the caller takes the ordinary path)."""
-        self.gen.manual_seed(derived_seed(self.module.cfg.run.seed, "train", step))
-        eps = self.module.step_noise(x.shape[0], 0, 1, self.gen)
+        eps = self.noise(x, step)
         if self.graph is None and not self._capture(x, eps, beta):
             return None
         if x.shape != self.static_x.shape:  # a batch of another size: this step eagerly
@@ -168,7 +174,7 @@ class StepEngine:
         device tensor (which the scheduler fills) and is marked capturable; warm-up steps (which
         compile the mathematics and create Adam's moments) are made with the update skipped, so
         they change neither weights, moments nor counters. On failure: one note, ordinary steps."""
-        counters = [t.clone() for t in (self.skipped, self.run, self.longest, self.loss_bad)]
+        saved = [t.clone() for t in self.counters]
         groups = [(g["lr"], g.get("capturable", False)) for g in self.opt.param_groups]
         stream = torch.cuda.current_stream(x.device) if x.device.type == "cuda" else None
         try:
@@ -188,8 +194,8 @@ class StepEngine:
                         self.opt.zero_grad(set_to_none=True)
             finally:
                 stream.wait_stream(side)
-            for t, saved in zip((self.skipped, self.run, self.longest, self.loss_bad), counters):
-                t.copy_(saved)
+            for t, v in zip(self.counters, saved):
+                t.copy_(v)
             graph = torch.cuda.CUDAGraph()
             # thread_local: a loader thread's CUDA calls (streaming path) do not abort the capture
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
@@ -211,8 +217,8 @@ class StepEngine:
             for g, (lr, capturable) in zip(self.opt.param_groups, groups):
                 g["lr"] = float(lr) if isinstance(lr, torch.Tensor) else lr
                 g["capturable"] = capturable
-            for t, saved in zip((self.skipped, self.run, self.longest, self.loss_bad), counters):
-                t.copy_(saved)
+            for t, v in zip(self.counters, saved):
+                t.copy_(v)
             self.opt.zero_grad(set_to_none=True)
             return False
 

@@ -202,8 +202,7 @@ class VAEModule(pl.LightningModule):
             sched = trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
             self.engine = StepEngine(self, trainer.optimizers[0], sched, clip_val=self.cfg.trainer.gradient_clip_val,
                                      precision=str(trainer.precision), compile_mode=self.compile_mode(),
-                                     cuda_graph=self.cfg.trainer.cuda_graph and trainer.world_size == 1
-                                     and self.cfg.optim.name in ("adam", "adamw"))
+                                     cuda_graph=self.cfg.trainer.cuda_graph and trainer.world_size == 1)
             if self._engine_state:
                 self.engine.load_state_dict(self._engine_state)
         ddp = self.trainer.strategy.model
