@@ -8,7 +8,8 @@ stdin from /dev/null and stdout/stderr into files; the child exits through the i
 path (threads joined, atexit handlers run). What is not the same as a fresh interpreter: modules
 are imported before the command's environment is set (nothing in vaepipe reads its environment at
 import time). Lightning's multi-process launcher re-runs `python -m pipeline.__main__ ...` as
-real subprocesses, as it would from the console.
+real subprocesses, as it would from the console; the reply comes when every process of the
+command's session has exited, as a caller reading their pipes would see it.
 
 Protocol: one JSON request per line on stdin ({"args", "env", "cwd", "stdout", "stderr",
 "timeout"}), one JSON reply per line ({"rc": int} or {"rc": null, "timeout": true}).
@@ -66,11 +67,40 @@ def _child(req: dict) -> None:
             os._exit(code)
 
 
+def _session_alive(sid: int) -> bool:
+    """Whether a live (not zombie) process of session `sid` remains: e.g. a DDP rank started by
+    Lightning's launcher, which may outlive rank 0 by a moment."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, session
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":
+                return True
+    return False
+
+
+def _wait_session(sid: int, deadline: float) -> None:
+    # What a caller reading pipes would wait for: every process of the command's session gone (a
+    # test that starts the next command at once must not find the previous one's ranks running).
+    while os.path.isdir("/proc") and _session_alive(sid):
+        if time.monotonic() > deadline:
+            try:
+                os.killpg(sid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            return
+        time.sleep(0.02)
+
+
 def _wait(pid: int, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
+            _wait_session(pid, deadline)
             return {"rc": os.waitstatus_to_exitcode(status)}
         if time.monotonic() > deadline:
             try:

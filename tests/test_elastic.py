@@ -3,8 +3,6 @@ processes or loader workers, nor on resident vs streamed data, so a run interrup
 continues on another at the same global position: every sample of the interrupted epoch used
 exactly once, the final weights those of the uninterrupted run up to float summation order."""
 
-import subprocess
-import sys
 from collections import Counter
 
 import numpy as np
@@ -17,7 +15,7 @@ from pipeline.data import resident as res
 from pipeline.data.location import load_manifest
 from pipeline.data.shards import prepare
 from pipeline.data.stream import make_loader
-from tests.conftest import ROOT
+from tests.conftest import vaepipe
 
 N = 1100  # training samples: id i has x = (i / 1000, (i % 7) / 7)
 G = 64  # global batch: 17 full global batches an epoch (1088 samples), 12 dropped
@@ -96,13 +94,7 @@ def fit(root, run_dir, *extra, env=None, check=True):
             "trainer.steps_per_call=1", "trainer.check_val_every_n_epoch=100", "trainer.log_every_n_steps=1",
             "trainer.enable_progress_bar=false", "logger.backend=csv", "logger.image_every_n_epochs=0",
             "trainer.accelerator=cpu", "run.test=false", *extra]
-    import os
-
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *argv], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
+    return vaepipe(*argv, env=env, check=check)
 
 
 def topology(world: int, workers: int = 0) -> list[str]:

@@ -2,7 +2,6 @@
 run (CPU), after SIGTERM/SIGUSR1 (checkpoint at the agreed step) or kill -9 (newest periodic
 checkpoint), mid-epoch and at an epoch boundary, with 2 loader workers and with 2 DDP processes."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, vaepipe
 from pipeline.checkpoints import load_checkpoint
 
 # 640 samples, batch 32, 2 workers: 20 steps per epoch, so 30 steps cross an epoch boundary.
@@ -45,11 +44,7 @@ def assert_identical(a, b):
 
 
 def run(argv, env=None, check=True):
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600, start_new_session=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return proc
+    return vaepipe(*argv, env=env, check=check)  # its own session: a KILL fault takes down its DDP ranks only
 
 
 @pytest.fixture(scope="module")
