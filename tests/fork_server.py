@@ -82,17 +82,19 @@ def _session_alive(sid: int) -> bool:
     return False
 
 
-def _wait_session(sid: int, deadline: float) -> None:
-    # What a caller reading pipes would wait for: every process of the command's session gone (a
-    # test that starts the next command at once must not find the previous one's ranks running).
+def _wait_session(sid: int, deadline: float) -> bool:
+    """What a caller reading pipes would wait for: every process of the command's session gone (a
+    test that starts the next command at once must not find the previous one's ranks running).
+    False if some were still there at the deadline (killed): the command timed out."""
     while os.path.isdir("/proc") and _session_alive(sid):
         if time.monotonic() > deadline:
             try:
                 os.killpg(sid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            return
+            return False
         time.sleep(0.02)
+    return True
 
 
 def _wait(pid: int, timeout: float) -> dict:
@@ -100,7 +102,8 @@ def _wait(pid: int, timeout: float) -> dict:
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            _wait_session(pid, deadline)
+            if not _wait_session(pid, deadline):
+                return {"rc": None, "timeout": True}
             return {"rc": os.waitstatus_to_exitcode(status)}
         if time.monotonic() > deadline:
             try:
