@@ -56,7 +56,7 @@ class DataConfig:
     batch_size: int = 64
     eval_batch_size: int = 256
     num_workers: int = 1
-    shuffle_buffer: int = 2000  # training order: shards grouped in windows of at least this many samples, shuffled within (data/order.py)
+    shuffle_buffer: int = 2000  # training order: shards grouped in windows of at least this many samples, shuffled within (data/order.py); 0: no shuffle, the split's order every epoch
     binarize: str = "none"  # none | dynamic (x ~ Bernoulli(pixel), redrawn each pass) | threshold (> 0.5)
     shard_bytes: int = 64_000_000  # new shard after this many bytes ...
     shard_samples: int = 0  # ... or this many samples (0 = no count limit)
@@ -126,6 +126,7 @@ class RunConfig:
     keep_last: int = 2  # ... of which the newest keep_last are kept
     test: bool = True  # after training, evaluate the test split (test/* metrics), when the data has one
     resume: str = "auto"  # auto (continue from the run folder's last.ckpt) | never | PATH to a checkpoint
+    init_from: Optional[str] = None  # a new run starting from this checkpoint's model weights (fresh optimizer, step 0)
 
 
 @dataclass

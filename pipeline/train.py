@@ -109,6 +109,26 @@ def resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> str | None:
     return newest_valid_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
 
 
+def init_weights(module: pl.LightningModule, path: str, log=print) -> None:
+    """run.init_from: a new run that starts from another run's model weights: fine-tuning, or going
+    on with settings a resume refuses (another batch size, learning rate or schedule). Only the
+    weights are taken; the optimizer, the step count and the data order start afresh."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"run.init_from={path}: no such checkpoint")
+    checkpoint = load_checkpoint(path)  # the safe loader: an unsafe file is refused, nothing run
+    theirs, mine = checkpoint.get("state_dict"), module.state_dict()
+    if not isinstance(theirs, dict):
+        raise ValueError(f"run.init_from={path}: not a vaepipe checkpoint (no state_dict)")
+    problems = [f"{k} missing" for k in mine if k not in theirs] + [f"{k} not in this model" for k in theirs if k not in mine]
+    problems += [f"{k} is {tuple(theirs[k].shape)}, this model's {tuple(v.shape)}" for k, v in mine.items()
+                 if k in theirs and tuple(theirs[k].shape) != tuple(v.shape)]
+    if problems:
+        raise ValueError(f"run.init_from={path}: its weights do not fit this model ({len(problems)} problem(s): "
+                         + "; ".join(problems[:5]) + "): use the model settings of the run that wrote it")
+    module.load_state_dict(theirs)
+    log(f"initial weights from {path} (its step {checkpoint.get('global_step', '?')}); optimizer and step count start afresh")
+
+
 def planned_world_size(cfg: DictConfig) -> int:
     """Processes the run will have (trainer.devices x trainer.num_nodes), known before the Trainer."""
     devices = cfg.trainer.devices
@@ -262,6 +282,8 @@ def _fit(cfg: DictConfig) -> dict:
     if ckpt_path is None and cfg.model.init == "iwae" and cfg.model.family == "vae":
         # The paper's output bias; on resume the checkpoint's weights replace it anyway.
         module.vae.set_output_bias(pixel_mean(cfg.data.root, datamodule.manifest, cfg.data.binarize, cfg.data.on_error))
+    if ckpt_path is None and cfg.run.init_from:  # on resume the run's own checkpoint wins
+        init_weights(module, cfg.run.init_from, log=primary_log)
     run_id = None
     if cfg.logger.backend == "wandb":  # one wandb run per run folder, continued after every restart
         run_id = wandb_run_id(run_dir, checkpoint_run_id(ckpt_path), write=is_primary_process())

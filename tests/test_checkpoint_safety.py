@@ -1,5 +1,5 @@
 """Loading a checkpoint never runs code inside it: a crafted .ckpt (a real checkpoint plus one
-object whose unpickling would create a file) is refused by eval, sample and a resuming fit, with one
+object whose unpickling would create a file) is refused by eval, sample, a resuming fit and run.init_from, with one
 clear line and the file never created; every kind of checkpoint vaepipe writes still loads safely."""
 
 import os
@@ -74,6 +74,8 @@ def test_crafted_checkpoint_is_refused_everywhere(runs, sprites_root, tmp_path):
         vaepipe("diagnose", "amortization", evil, "--limit", "2", check=False),
         vaepipe("fit", f"data.root={sprites_root}", f"run.dir={tmp_path / 'byPath'}", f"run.resume={evil}",
                 "trainer.max_steps=12", *SMALL, check=False),
+        vaepipe("fit", f"data.root={sprites_root}", f"run.dir={tmp_path / 'byInit'}", f"run.init_from={evil}",
+                "trainer.max_steps=12", *SMALL, check=False),
     ]
     # resume=auto from a run folder whose last.ckpt was replaced
     folder = tmp_path / "folder"
@@ -90,3 +92,4 @@ def test_crafted_checkpoint_is_refused_everywhere(runs, sprites_root, tmp_path):
     # nothing trained from the refused file: the copied run folder kept its 8-step checkpoints
     assert load_checkpoint(folder / "checkpoints/step-00000006.ckpt")["global_step"] == 6
     assert not os.path.exists(tmp_path / "byPath" / "checkpoints" / "last.ckpt")
+    assert not os.path.exists(tmp_path / "byInit" / "checkpoints" / "last.ckpt")

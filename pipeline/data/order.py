@@ -5,7 +5,8 @@ epoch alone, never of how many processes or loader workers share the run.
   `window_samples` samples (whole shards; data.shuffle_buffer); the samples of each window are
   permuted from (seed, epoch, window). The epoch's order is the windows' permuted samples, one
   window after the other: a shuffle as wide as the window, read shard by shard (the streaming
-  loader holds one window in memory, never the split).
+  loader holds one window in memory, never the split). `window_samples` 0 (data.shuffle_buffer=0)
+  shuffles nothing: every epoch is the split's own order, as in the IWAE authors' code.
 - Global batch g is positions [g G, (g + 1) G) of that order, G = data.batch_size x world size;
   rank r reads the r-th slice of b = G / W samples of every global batch, its DataLoader workers
   take turns by batch. An epoch has floor(N / G) steps whatever the topology.
@@ -48,9 +49,12 @@ class EpochOrder:
     offsets: tuple[int, ...]  # shard i's samples are [offsets[i], offsets[i] + counts[i]) in shard order
     seed: int
     epoch: int
+    shuffled: bool = True  # False: the split's order (shards in manifest order, samples as stored)
 
     def window_permutation(self, w: int) -> np.ndarray:
         """Window-local position -> window-local sample (the window's samples in its shard order)."""
+        if not self.shuffled:
+            return np.arange(self.windows[w].size)
         rng = np.random.default_rng(derived_seed(self.seed, self.epoch, w, "window"))
         return rng.permutation(self.windows[w].size)
 
@@ -73,9 +77,11 @@ class EpochOrder:
 
 @functools.lru_cache(maxsize=8)
 def epoch_order(counts: tuple[int, ...], seed: int, epoch: int, window_samples: int) -> EpochOrder:
-    """The epoch's windows (see the module doc). counts: samples per shard, in manifest order."""
+    """The epoch's windows (see the module doc). counts: samples per shard, in manifest order;
+    window_samples 0: no shuffle (one window per shard, in manifest order, each read as stored)."""
     shards = list(range(len(counts)))
-    random.Random(derived_seed(seed, epoch, "shards")).shuffle(shards)
+    if window_samples > 0:
+        random.Random(derived_seed(seed, epoch, "shards")).shuffle(shards)
     windows, current, size, start = [], [], 0, 0
     for i in shards:
         current.append(i)
@@ -86,7 +92,7 @@ def epoch_order(counts: tuple[int, ...], seed: int, epoch: int, window_samples: 
     if current:
         windows.append(Window(tuple(current), start, size))
     offsets = tuple(int(v) for v in np.concatenate([[0], np.cumsum(counts)]))
-    return EpochOrder(tuple(windows), offsets, seed, epoch)
+    return EpochOrder(tuple(windows), offsets, seed, epoch, shuffled=window_samples > 0)
 
 
 def rank_slice(step: int, rank: int, batch_size: int, world_size: int) -> tuple[int, int]:

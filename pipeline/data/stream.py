@@ -381,7 +381,7 @@ def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False
                              f"data.batch_size={batch_size}): lower data.batch_size")
         steps = full if steps is None else min(steps, full)
         ordered = {"urls": urls, "counts": counts, "batch_size": batch_size, "world_size": world_size,
-                   "window": max(1, shuffle_buffer), "steps": steps}
+                   "window": max(0, shuffle_buffer), "steps": steps}
         # what summaries say of an epoch (picklable: workers get the stream through a forkserver)
         plan_for = functools.partial(_same_plan, EpochPlan([], steps, batch_size, n - full * g, 0))
     else:
