@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -115,8 +117,11 @@ def init_weights(module: pl.LightningModule, path: str, log=print) -> None:
     weights are taken; the optimizer, the step count and the data order start afresh."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"run.init_from={path}: no such checkpoint")
-    checkpoint = load_checkpoint(path)  # the safe loader: an unsafe file is refused, nothing run
-    theirs, mine = checkpoint.get("state_dict"), module.state_dict()
+    try:
+        checkpoint = load_checkpoint(path)  # the safe loader: an unsafe file is refused, nothing run
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise ValueError(f"run.init_from={path}: not a readable checkpoint (truncated or foreign?): {err}") from None
+    theirs, mine = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None, module.state_dict()
     if not isinstance(theirs, dict):
         raise ValueError(f"run.init_from={path}: not a vaepipe checkpoint (no state_dict)")
     problems = [f"{k} missing" for k in mine if k not in theirs] + [f"{k} not in this model" for k in theirs if k not in mine]

@@ -47,4 +47,10 @@ def test_init_from_refuses_what_does_not_fit(sprites_root, tmp_path):
     missing = vaepipe("fit", f"data.root={sprites_root}", f"run.dir={tmp_path / 'missing'}",
                       f"run.init_from={tmp_path / 'nope.ckpt'}", "trainer.max_steps=2", *SMALL, check=False)
     assert missing.returncode == 2 and "nope.ckpt: no such checkpoint" in missing.stderr, missing.stderr[-2000:]
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(ckpt.read_bytes()[:5000])  # a copy that stopped short
+    damaged = vaepipe("fit", f"data.root={sprites_root}", f"run.dir={tmp_path / 'damaged'}", f"run.init_from={cut}",
+                      "trainer.max_steps=2", *SMALL, check=False)
+    assert damaged.returncode == 2 and "Traceback" not in damaged.stderr, damaged.stderr[-2000:]
+    assert f"run.init_from={cut}: not a readable checkpoint" in damaged.stderr
     assert not (tmp_path / "wider/checkpoints/last.ckpt").exists() and not (tmp_path / "missing/checkpoints").exists()
