@@ -210,6 +210,9 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"bad value for '{key}': {OmegaConf.select(cfg, key)}; it must be >= 1")
     if cfg.model.beta < 0:
         raise ConfigError(f"bad value for 'model.beta': {cfg.model.beta}; it must be >= 0")
+    if cfg.data.shuffle_buffer < 0:
+        raise ConfigError(f"bad value for 'data.shuffle_buffer': {cfg.data.shuffle_buffer}; it must be >= 0 "
+                          "(0: no shuffle, the split's stored order every epoch)")
     m = cfg.model
     if m.stochastic_layers not in (1, 2):
         raise ConfigError(f"bad value for 'model.stochastic_layers': {m.stochastic_layers}; choose 1 or 2")

@@ -52,6 +52,9 @@ def test_wrong_type_and_bad_values():
         load_config([], ["model.objective=vlb"])
     with pytest.raises(ConfigError, match="'data.batch_size'.*>= 1"):
         load_config([], ["data.batch_size=0"])
+    with pytest.raises(ConfigError, match="'data.shuffle_buffer'.*>= 0"):
+        load_config([], ["data.shuffle_buffer=-1"])
+    assert load_config([], ["data.shuffle_buffer=0"]).data.shuffle_buffer == 0  # 0 is the fixed order
     with pytest.raises(ConfigError, match="not key=value"):
         load_config([], ["model.k"])
     with pytest.raises(ConfigError, match="not found"):
