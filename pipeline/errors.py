@@ -28,6 +28,10 @@ class UnsafeCheckpointError(RuntimeError):
     """A checkpoint that holds objects vaepipe never writes: refused before any of it is unpickled."""
 
 
+class UnreadableCheckpointError(ValueError):
+    """A checkpoint file that is damaged (truncated, not a checkpoint at all), named by its path."""
+
+
 class WriteFailure(RuntimeError):
     """A run file (checkpoint, image, summary) the storage refused: disk full, quota, read-only, I/O
     error. Retryable once space is freed (exit 75); the run folder holds no partial file."""

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import math
-import pickle
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +42,7 @@ def load_module(ckpt: str | Path):
         module.load_state_dict(checkpoint["state_dict"])
     except UnsafeCheckpointError:
         raise
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError) as err:
+    except (RuntimeError, KeyError) as err:  # a damaged file is already named by load_checkpoint
         raise ValueError(f"{ckpt} is not a readable vaepipe checkpoint (truncated or foreign?): {err}") from None
     return module.eval()
 

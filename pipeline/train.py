@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import time
 import warnings
-import zipfile
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -23,7 +21,8 @@ from pipeline.data.shards import MANIFEST, prepare
 from pipeline.data.sources import SOURCE_NAMES
 from pipeline.data.datamodule import ShardDataModule
 from pipeline.data.resident import pixel_mean
-from pipeline.errors import EXIT_RETRYABLE, Preempted, ResumeError, TrainingDiverged, UnsafeCheckpointError, WriteFailure
+from pipeline.errors import (EXIT_RETRYABLE, Preempted, ResumeError, TrainingDiverged, UnreadableCheckpointError,
+                             UnsafeCheckpointError, WriteFailure)
 from pipeline.launch.slurm import requeue_self, under_slurm_batch
 from pipeline.models.vae_module import VAEModule
 from pipeline.outputs import storage_error, write_text
@@ -119,8 +118,8 @@ def init_weights(module: pl.LightningModule, path: str, log=print) -> None:
         raise FileNotFoundError(f"run.init_from={path}: no such checkpoint")
     try:
         checkpoint = load_checkpoint(path)  # the safe loader: an unsafe file is refused, nothing run
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        raise ValueError(f"run.init_from={path}: not a readable checkpoint (truncated or foreign?): {err}") from None
+    except UnreadableCheckpointError as err:  # say which setting named the damaged file
+        raise UnreadableCheckpointError(f"run.init_from={path}: not a readable checkpoint ({err})") from None
     theirs, mine = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None, module.state_dict()
     if not isinstance(theirs, dict):
         raise ValueError(f"run.init_from={path}: not a vaepipe checkpoint (no state_dict)")
