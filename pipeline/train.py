@@ -179,12 +179,18 @@ def planned_device(cfg: DictConfig) -> torch.device:
 
 def steps_per_call(cfg: DictConfig, steps_per_epoch: int, log=print) -> int:
     """trainer.steps_per_call, lowered to the largest value that divides the step intervals calls
-    must end on: validation every N steps (Lightning counts calls within an epoch) and periodic
-    checkpoints every N steps (counted in global steps, so the epoch's steps too)."""
-    want = cfg.trainer.steps_per_call
+    must end on: validation every N steps (Lightning counts calls: within an epoch, or across
+    epochs when check_val_every_n_epoch is null, which needs the epoch's steps too), validation
+    at a fraction f of each epoch (Lightning takes int(f x calls): the epoch's steps and
+    int(f x steps)), and periodic checkpoints every N steps (global steps: the epoch's steps too)."""
+    want, t = cfg.trainer.steps_per_call, cfg.trainer
     align = []
-    if isinstance(cfg.trainer.val_check_interval, int):
-        align.append(cfg.trainer.val_check_interval)
+    if isinstance(t.val_check_interval, int):
+        align.append(t.val_check_interval)
+        if t.check_val_every_n_epoch is None:
+            align.append(steps_per_epoch)
+    elif isinstance(t.val_check_interval, float) and t.val_check_interval < 1.0:
+        align += [steps_per_epoch, max(1, int(steps_per_epoch * t.val_check_interval))]
     if cfg.run.every_n_train_steps > 0:
         align += [cfg.run.every_n_train_steps, steps_per_epoch]
     k = max(d for d in range(1, want + 1) if all(a % d == 0 for a in align))
@@ -198,7 +204,10 @@ def trainer_kwargs(cfg: DictConfig, k: int = 1) -> dict:
     """The Trainer's arguments; step counts given per optimizer step become Lightning batches (calls
     of k steps); steps_per_call, cuda_graph, gradient clipping and limit_train_batches are ours (step engine,
     datamodule)."""
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
+    # None is Lightning's default for most keys; for check_val_every_n_epoch it is a setting of its
+    # own (val_check_interval counts steps across epochs), so it is passed on.
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
+              if v is not None or k == "check_val_every_n_epoch"}
     for ours in ("steps_per_call", "cuda_graph", "gradient_clip_val", "limit_train_batches"):
         kwargs.pop(ours, None)
     if isinstance(kwargs.get("val_check_interval"), int):

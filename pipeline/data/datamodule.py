@@ -21,9 +21,12 @@ from pipeline.errors import ResumeError
 class StepCalls:
     """What Lightning iterates in training: one item per call of the step engine, a list of up to
     `k` consecutive steps' batches (`VAEModule.training_step` makes one optimizer step for each),
-    so Lightning's per-batch machinery is paid once per k optimizer steps. An epoch's calls start
-    at step `first` (on resume) and the last one may be short; `len` counts the calls Lightning
-    already ran in this epoch before a restart (`done_calls`) too, so its epoch ends where ours does."""
+    so Lightning's per-batch machinery is paid once per k optimizer steps. Call j of an epoch ends
+    at step (j + 1) k of the epoch (the last one may be short), also on resume: an epoch resumed at
+    step `first` (a run stopped inside a call by max_steps, or resumed with another k) starts with
+    the rest of its call, so periodic checkpoints and validation every N steps stay on their steps.
+    `len` counts the calls before `first` (`done_calls` = first // k) too, so Lightning's epoch
+    ends where ours does and its batch index is the call's."""
 
     def __init__(self, k: int):
         self.k, self.first, self.steps, self.done_calls, self.batches = k, 0, 0, 0, None
@@ -33,16 +36,31 @@ class StepCalls:
         return self
 
     def __len__(self) -> int:
-        return self.done_calls + math.ceil((self.steps - self.first) / self.k)
+        return self.done_calls + max(0, math.ceil(self.steps / self.k) - self.first // self.k)
 
     def __iter__(self):
         it, i = iter(self.batches()), self.first
         while i < self.steps:
-            call = [batch for _, batch in zip(range(min(self.k, self.steps - i)), it)]
+            end = min(self.steps, (i // self.k + 1) * self.k)
+            call = [batch for _, batch in zip(range(end - i), it)]
             if not call:
                 return
             yield call
             i += len(call)
+
+
+def align_call_counters(trainer: pl.Trainer, current: int, total: int) -> None:
+    """Set Lightning's count of the calls made (this epoch: `current`; the run: `total`) to what
+    the run's steps imply in calls of this run's k. Lightning validates every N steps by its batch
+    index (calls) and restores the count it saved, which is another number when the run stopped
+    inside a call (max_steps) or ran with another trainer.steps_per_call. Every counter of a
+    tracker moves by the same amount, so Lightning's restart bookkeeping (which compares them)
+    reads as before."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    for tracker, want in ((progress.current, current), (progress.total, total)):
+        shift = want - tracker.processed
+        tracker.ready, tracker.started = tracker.ready + shift, tracker.started + shift
+        tracker.processed, tracker.completed = tracker.processed + shift, tracker.completed + shift
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -167,11 +185,12 @@ class ShardDataModule(pl.LightningDataModule):
         self._check_world()
         t = self.trainer
         epoch = t.current_epoch if t is not None else 0
-        first, done_calls = 0, 0
+        first, done_calls, steps = 0, 0, self.steps_per_epoch
         if self._resume is not None and self._resume["epoch"] == epoch:
             first, self._resume = self._resume["steps"], None
-            done_calls = int(t.fit_loop.epoch_loop.batch_progress.current.processed) if t is not None else 0
-        steps = self.steps_per_epoch
+            done_calls = first // self._calls.k
+            if t is not None:
+                align_call_counters(t, done_calls, epoch * math.ceil(steps / self._calls.k) + done_calls)
         if self.resident:
             if self._train_split is None:
                 self._train_split = self._resident("train", train=True)

@@ -150,9 +150,10 @@ class VAEModule(pl.LightningModule):
                 self._log_step(terms, step, beta, batch)
                 if self._check_divergence():
                     break
-        # Lightning counts one batch per call; its logger step axis (and val metrics) follows
-        # optimizer steps when this counter does.
-        trainer.fit_loop.epoch_loop._batches_that_stepped += max(0, done - 1)
+        # Lightning counts one batch per call and adds 1 after it; its logger step axis (val
+        # metrics) follows optimizer steps when this counter is set from the step, not counted up:
+        # a restart's bookkeeping can leave it one off (a run resumed after a validation).
+        trainer.fit_loop.epoch_loop._batches_that_stepped = max(0, self.global_step - 1)
         epochs_done = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch + 1 and (
             self.global_step - trainer.current_epoch * trainer.datamodule.steps_per_epoch
             >= trainer.datamodule.steps_per_epoch)
