@@ -13,6 +13,7 @@ from pipeline.data import resident as res
 from pipeline.data.location import load_manifest
 from pipeline.models.vae_module import VAEModule
 from tests.conftest import FAST, vaepipe
+from tests.test_integrity import member_offset
 
 # 640 samples, batch 32: 20 steps an epoch; 45 steps cross two epoch boundaries. The cosine schedule,
 # beta warm-up and dynamic binarisation make every step depend on its own step number.
@@ -94,6 +95,31 @@ def test_resident_load_names_a_corrupt_shard(sprites_root, tmp_path):
     shard.write_bytes(shard.read_bytes()[:5000])
     proc = vaepipe("fit", f"data.root={root}", f"run.dir={tmp_path / 'run'}", *RUN, check=False)
     assert proc.returncode == 2 and str(shard) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_resident_skip_keeps_the_planned_steps(sprites_root, tmp_path):
+    # data.on_error=skip with one of 5 training shards unreadable: 512 of 640 samples load, the
+    # epochs keep the manifest's 20 steps (repeating samples, as streaming does) and the run trains
+    # its 45 steps (the resident path used to hand out empty batches after step 16 and crash).
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(sprites_root, root)
+    shard = sorted(root.glob("train-*.tar"))[2]
+    data = bytearray(shard.read_bytes())
+    at = member_offset(shard, 0) + 1000
+    data[at:at + 4096] = bytes(4096)  # same size: found by the record's checksum, not the size check
+    shard.write_bytes(bytes(data))
+    run_dir = tmp_path / "run"
+    proc = vaepipe("fit", f"data.root={root}", f"run.dir={run_dir}", *RUN, "data.on_error=skip",
+                   "data.resident=true", "trainer.steps_per_call=8")
+    assert "512 samples, 128 unreadable left out" in proc.stdout and "20 steps of 32 per epoch" in proc.stdout
+    step, weights, _ = final(run_dir)
+    assert step == 45 and all(torch.isfinite(w).all() for w in weights.values())
+    split = res.ResidentSplit(torch.arange(512).view(512, 1), batch_size=32, scale=1.0, binarize="none", seed=0,
+                              limit_steps=20)
+    seen = torch.cat([split.batch(0, i)["x"] for i in range(20)]).flatten().tolist()
+    assert len(seen) == 640 and set(seen) == set(range(512))  # every loaded sample, 128 of them twice
 
 
 def test_compiled_step_matches_eager(sprites_root):

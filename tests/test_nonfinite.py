@@ -39,3 +39,16 @@ def test_too_many_in_a_row_stop_with_last_good_weights(sprites_root, tmp_path):
     ckpt = load_checkpoint(tmp_path / "run/checkpoints/last.ckpt")
     assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
     assert ckpt["global_step"] == 7  # steps 3, 4, 5, 6 were skipped; it stopped after the fourth
+
+
+def test_a_run_of_bad_steps_cut_by_a_resume_stops_where_it_would_have(sprites_root, tmp_path):
+    # Steps 3, 4, ... all bad, limit 6: the uninterrupted run stops after step 8 (global step 9).
+    # Stopped at step 5 and resumed, the two skipped steps before the checkpoint still count.
+    whole = fit(sprites_root, tmp_path / "whole", "3:GRADNAN+", "optim.max_nonfinite_steps=6")
+    assert whole.returncode == 2 and "6 steps in a row" in whole.stderr
+    assert load_checkpoint(tmp_path / "whole/checkpoints/last.ckpt")["global_step"] == 9
+    first = fit(sprites_root, tmp_path / "parts", "3:GRADNAN+", "optim.max_nonfinite_steps=6", "trainer.max_steps=5")
+    assert first.returncode == 0, first.stderr[-2000:]
+    rest = fit(sprites_root, tmp_path / "parts", "3:GRADNAN+", "optim.max_nonfinite_steps=6")
+    assert rest.returncode == 2 and "6 steps in a row" in rest.stderr
+    assert load_checkpoint(tmp_path / "parts/checkpoints/last.ckpt")["global_step"] == 9

@@ -195,9 +195,11 @@ class ShardDataModule(pl.LightningDataModule):
             if self._train_split is None:
                 self._train_split = self._resident("train", train=True)
                 mb = self._train_split.data.numel() * self._train_split.data.element_size() / 2**20
-                self.log_fn(f"data: train split resident on {self._device()} ({mb:.0f} MB, "
-                            f"{self._train_split.data.shape[0]} samples; {steps} steps of {self.cfg.batch_size} "
-                            f"per epoch, {self._calls.k} per call)")
+                n, planned = self._train_split.data.shape[0], self.manifest["splits"]["train"]["num_samples"]
+                short = (f", {planned - n} unreadable left out (data.on_error=skip): the epochs repeat samples "
+                         "to keep their steps" if n < planned else "")
+                self.log_fn(f"data: train split resident on {self._device()} ({mb:.0f} MB, {n} samples{short}; "
+                            f"{steps} steps of {self.cfg.batch_size} per epoch, {self._calls.k} per call)")
             split = self._train_split
             return self._calls.start(first, steps, done_calls,
                                      lambda: (split.batch(epoch, i) for i in range(first, steps)))

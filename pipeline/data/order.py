@@ -14,7 +14,9 @@ epoch alone, never of how many processes or loader workers share the run.
   (seed, epoch, g) and each rank takes its slice; the training noise likewise (models/step_engine).
 
 So the sequence of global batches, and with it the run, is the same on 1 process or 8, with 0 or
-4 workers, resident or streamed, up to the order of floating-point sums in the gradient's mean;
+4 workers, resident or streamed (on a GPU, resident data draws dynamic binarisation with the
+GPU's generator and the loader with the CPU's: the same seeds, other draws), up to the order of
+floating-point sums in the gradient's mean;
 a run interrupted on one topology continues on another at the same global sample position
 (docs/resume.md).
 """

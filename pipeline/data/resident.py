@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from pipeline.data.order import binarize, derived_seed, epoch_order
@@ -87,12 +88,13 @@ class ResidentSplit:
         self.window = window
         n = data.shape[0]
         if train:
-            self.steps_per_epoch = n // (batch_size * world_size)
-            if self.steps_per_epoch == 0:
+            # `limit_steps`: the run's steps per epoch, planned from the manifest. A load that skipped
+            # unreadable data (data.on_error=skip) has fewer samples; its epochs then repeat some
+            # (the order cycles) to keep the planned steps, as the streaming loader fills its plan.
+            self.steps_per_epoch = limit_steps if limit_steps is not None else n // (batch_size * world_size)
+            if self.steps_per_epoch <= 0:
                 raise ValueError(f"{n} samples cannot give each of {world_size} rank(s) one batch of {batch_size}: "
                                  "lower data.batch_size")
-            if limit_steps is not None:
-                self.steps_per_epoch = max(1, min(self.steps_per_epoch, limit_steps))
         else:
             per_rank = math.ceil(n / world_size)
             mine = torch.arange(rank, n, world_size, device=data.device)
@@ -105,8 +107,9 @@ class ResidentSplit:
         """This rank's sample indices for the epoch, [steps_per_epoch * B], on the device: its slice
         of every global batch of the epoch's global order (data/order.py)."""
         if self._order_epoch != epoch:
-            perm = torch.from_numpy(epoch_order(self.counts, self.seed, epoch, self.window).sample_indices())
             b, w = self.batch_size, self.world
+            perm = epoch_order(self.counts, self.seed, epoch, self.window).sample_indices()
+            perm = torch.from_numpy(np.resize(perm, max(len(perm), self.steps_per_epoch * b * w)))  # resize cycles
             used = perm[: self.steps_per_epoch * b * w].view(self.steps_per_epoch, w, b)[:, self.rank]
             self._order, self._order_epoch = used.reshape(-1).to(self.data.device), epoch
         return self._order

@@ -250,10 +250,14 @@ class StepEngine:
                 state["_last_lr"] = [v.item() if isinstance(v, torch.Tensor) else v for v in state["_last_lr"]]
 
     def state_dict(self) -> dict:
-        return {"skipped": self.skipped.cpu(), "scaler": self.scaler.state_dict() if self.scaler else {}}
+        # All four counters: a run of skipped steps that a checkpoint cuts in two still stops the
+        # resumed run at the step the uninterrupted one stops (optim.max_nonfinite_steps).
+        return {"skipped": self.skipped.cpu(), "run": self.run.cpu(), "longest": self.longest.cpu(),
+                "loss_bad": self.loss_bad.cpu(), "scaler": self.scaler.state_dict() if self.scaler else {}}
 
     def load_state_dict(self, state: dict) -> None:
-        if "skipped" in state:
-            self.skipped.copy_(state["skipped"])
+        for name in ("skipped", "run", "longest", "loss_bad"):
+            if name in state:  # checkpoints from before the streak was saved hold "skipped" only
+                getattr(self, name).copy_(state[name])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
