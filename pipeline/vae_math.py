@@ -182,7 +182,8 @@ def vae_objective(
         constant inside log q(z|x), which drops the score term E_q[grad log q] = 0 (zero-mean noise).
         Unbiased for the ELBO; for the IWAE bound with K > 1 it is biased (Tucker et al. 2018).
       "dreg": doubly reparameterised (Tucker et al. 2018): for the IWAE bound the encoder gets
-        sum_k w~_k^2 d log w_k / dz_k dz_k/dphi (q's parameters held in log q), unbiased for grad L_K
+        sum_k w~_k^2 d log w_k / dz_k dz_k/dphi (q's parameters held in log q; with beta weighing
+        log p(z) - log q: w~_k (1 - beta + beta w~_k) in place of w~_k^2), unbiased for grad L_K
         and of lower variance; the decoder gets the usual sum_k w~_k grad log w_k. With the ELBO
         objective each sample has weight 1 and DReG is STL.
     Returns per-example [B] tensors `recon` (mean_k log p(x|z_k)), `kl`, `elbo` (beta = 1),
@@ -228,9 +229,12 @@ def vae_objective(
             bound = score_function_surrogate(bound, log_q.sum(0), baseline if score_baseline else 0.0)
         elif estimator == "dreg" and z.requires_grad:
             weights = torch.softmax(log_w.detach(), dim=0)  # w~_k, [K, B]
-            # The gradient reaching z_k is scaled by w~_k once more: w~_k^2 for the encoder, while the
-            # decoder (not behind z) keeps w~_k. The surrogate's value is not the bound: use out["iwae"].
-            z.register_hook(lambda g: g * weights.unsqueeze(-1))
+            # The gradient reaching z_k is scaled once more, by 1 - beta + beta w~_k: the encoder gets
+            # w~_k (1 - beta + beta w~_k) (w~_k^2 at beta = 1: Tucker et al.'s identity applied to the
+            # beta-weighted log q), while the decoder (not behind z) keeps w~_k. The surrogate's value
+            # is not the bound: use out["iwae"].
+            scale = ((1 - beta) + beta * weights).unsqueeze(-1)
+            z.register_hook(lambda g: g * scale)
             bound = (weights * log_w).sum(0) - (weights * log_w).sum(0).detach() + bound.detach()
         objective_value = bound
     out["loss"] = -objective_value.mean()

@@ -11,7 +11,7 @@ from pipeline import vae_math as vm
 R = 20_000  # replicates: the standard error of a mean gradient is sd / sqrt(R)
 
 
-def gradient_samples(estimator: str, objective: str, k: int, seed: int = 0):
+def gradient_samples(estimator: str, objective: str, k: int, seed: int = 0, beta: float = 1.0):
     g = torch.Generator().manual_seed(123)
     d, m = 2, 8
     w, c = torch.randn(d, m, generator=g), torch.randn(m, generator=g)
@@ -23,7 +23,7 @@ def gradient_samples(estimator: str, objective: str, k: int, seed: int = 0):
         return vm.bernoulli_log_likelihood(x, z @ w + c, event_dims=1)
 
     torch.manual_seed(seed)
-    out = vm.vae_objective(mu, logvar, log_px_given_z, objective=objective, k=k, estimator=estimator)
+    out = vm.vae_objective(mu, logvar, log_px_given_z, objective=objective, k=k, estimator=estimator, beta=beta)
     out["loss"].backward()
     # loss = -mean over replicates, so each replicate's gradient of its objective is -R * grad
     return -R * torch.cat([mu.grad, logvar.grad], dim=1).double()
@@ -63,13 +63,15 @@ def test_baseline_reduces_score_function_variance():
     assert ratio > 2.0
 
 
-@pytest.mark.parametrize("estimator,objective,k", [("stl", "elbo", 1), ("stl", "elbo", 4), ("dreg", "iwae", 4),
-                                                   ("dreg", "iwae", 16)])
-def test_path_derivative_estimators_are_unbiased_where_theory_says(estimator, objective, k):
+@pytest.mark.parametrize("estimator,objective,k,beta", [("stl", "elbo", 1, 1.0), ("stl", "elbo", 4, 1.0),
+                                                        ("stl", "elbo", 4, 0.3), ("dreg", "iwae", 4, 1.0),
+                                                        ("dreg", "iwae", 16, 1.0), ("dreg", "iwae", 4, 0.3)])
+def test_path_derivative_estimators_are_unbiased_where_theory_says(estimator, objective, k, beta):
     # STL is unbiased for the ELBO (the dropped score term has mean zero); DReG for the IWAE bound L_K
-    # at every K (Tucker et al. 2018, eq. 7). Same test as above: difference of means in standard errors.
-    rep = gradient_samples("reparam", objective, k, seed=1)
-    new = gradient_samples(estimator, objective, k, seed=2)
+    # at every K (Tucker et al. 2018, eq. 7), also with beta != 1 weighing log p(z) - log q (a beta
+    # warm-up starts at 0). Same test as above: difference of means in standard errors.
+    rep = gradient_samples("reparam", objective, k, seed=1, beta=beta)
+    new = gradient_samples(estimator, objective, k, seed=2, beta=beta)
     se = (rep.var(0) / R + new.var(0) / R).sqrt()
     z = (rep.mean(0) - new.mean(0)) / se
     assert torch.all(z.abs() < 4.5), (rep.mean(0), new.mean(0), se)
