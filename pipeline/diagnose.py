@@ -126,11 +126,13 @@ def amortization_gap(ckpt, limit: int = 1000, split: str = "test", steps: int = 
         with torch.no_grad():
             logvar = vae_math.bound_logvar(logvar)
             # Adam on a noisy objective can end a little below its start: keep q_phi where it is better.
-            elbo_opt = _elbo(x, mu, logvar, vae, eval_samples, gen)
-            better = elbo_opt > elbo_amortized
-            elbo_opt = torch.where(better, elbo_opt, elbo_amortized)
+            better = _elbo(x, mu, logvar, vae, eval_samples, gen) > elbo_amortized
             mu_p = torch.where(better[:, None], mu, mu0)
             lv_p = torch.where(better[:, None], logvar, logvar0)
+            # Both ELBOs reported from fresh draws: the larger of two noisy estimates (the ones
+            # that chose) would overstate the amortisation gap by about half their noise.
+            elbo_amortized = _elbo(x, mu0, logvar0, vae, eval_samples, gen)
+            elbo_opt = torch.where(better, _elbo(x, mu_p, lv_p, vae, eval_samples, gen), elbo_amortized)
             log_px = vae_math.importance_sampled_log_px(mu_p, lv_p, lambda z: vae.log_px_given_z(x, z), k=k,
                                                         chunk=min(k, 500), generator=gen)
         sums["elbo_amortized"] += float(elbo_amortized.sum())
