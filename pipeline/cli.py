@@ -316,3 +316,13 @@ def main(argv: list[str] | None = None) -> None:
     except WriteFailure as err:  # disk full and the like: retryable once space is freed
         print(f"vaepipe {args.command}: error: {err}", file=sys.stderr)
         sys.exit(EXIT_RETRYABLE)
+    except (NotADirectoryError, IsADirectoryError, PermissionError) as err:  # a path that cannot be one
+        print(f"vaepipe {args.command}: error: {err.strerror or err}: {err.filename or ''}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as err:
+        # Lightning's refusal of a setting (its message names it); matched by name so that the CLI
+        # does not import Lightning (and torch) before it must.
+        if type(err).__name__ != "MisconfigurationException":
+            raise
+        print(f"vaepipe {args.command}: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
@@ -196,7 +197,9 @@ CHOICES = {
     "logger.mode": ("auto", "online", "offline", "disabled"),
 }
 POSITIVE = ("model.k", "model.latent_dim", "data.batch_size", "data.eval_batch_size", "model.codebook_size",
-            "model.code_dim", "trainer.steps_per_call")
+            "model.code_dim", "trainer.steps_per_call", "trainer.num_nodes", "trainer.log_every_n_steps",
+            "run.keep_last")
+NON_NEGATIVE = ("run.every_n_train_steps", "optim.lr", "optim.warmup_steps", "optim.max_nonfinite_steps")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -208,8 +211,22 @@ def validate(cfg: DictConfig) -> None:
     for key in POSITIVE:
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"bad value for '{key}': {OmegaConf.select(cfg, key)}; it must be >= 1")
-    if cfg.model.beta < 0:
-        raise ConfigError(f"bad value for 'model.beta': {cfg.model.beta}; it must be >= 0")
+    for key in ("model.beta", *NON_NEGATIVE):
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"bad value for '{key}': {OmegaConf.select(cfg, key)}; it must be >= 0")
+    if cfg.run.save_top_k < -1:
+        raise ConfigError(f"bad value for 'run.save_top_k': {cfg.run.save_top_k}; it must be >= -1 (-1: keep all)")
+    if cfg.model.sigma <= 0:
+        raise ConfigError(f"bad value for 'model.sigma': {cfg.model.sigma}; the Gaussian decoder's standard deviation "
+                          "must be > 0")
+    devices = cfg.trainer.devices
+    if isinstance(devices, int) and devices < 1 and devices != -1:
+        raise ConfigError(f"bad value for 'trainer.devices': {devices}; a number >= 1, -1 (all), 'auto' or a list")
+    interval = cfg.trainer.val_check_interval
+    if interval is not None and not (isinstance(interval, int) and interval >= 1
+                                     or isinstance(interval, float) and 0 < interval <= 1):
+        raise ConfigError(f"bad value for 'trainer.val_check_interval': {interval!r}; steps (an integer >= 1) "
+                          "or a fraction of an epoch (0 < f <= 1)")
     if cfg.data.shuffle_buffer < 0:
         raise ConfigError(f"bad value for 'data.shuffle_buffer': {cfg.data.shuffle_buffer}; it must be >= 0 "
                           "(0: no shuffle, the split's stored order every epoch)")
@@ -246,7 +263,14 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Dict
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
+        except yaml.YAMLError as err:  # a syntax error: the parser's own line and column
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: a config file holds a mapping of keys (model:, data:, ...), "
+                              f"not a {type(loaded).__name__}")
+        try:
+            cfg = OmegaConf.merge(cfg, loaded)
         except OmegaConfBaseException as err:
             raise _explain(err, schema, str(path)) from None
     for item in overrides:
@@ -256,6 +280,8 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Dict
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             raise _explain(err, schema, f"override '{item}'") from None
+        except yaml.YAMLError as err:  # the value is parsed as YAML: `model.hidden=[1,2` and the like
+            raise ConfigError(f"override '{item}': its value is not valid YAML ({' '.join(str(err).split())})") from None
     _separate_sweep_trial(cfg)
     try:
         OmegaConf.resolve(cfg)

@@ -98,6 +98,14 @@ def test_bad_input_gets_one_clear_line(trained_run, tmp_path):
         assert "cut.ckpt is not a readable vaepipe checkpoint" in proc.stderr
     nodata = vaepipe("fit", f"data.root={tmp_path / 'empty'}", "data.name=mnist", check=False)
     assert nodata.returncode == 2 and "data.source=PATH" in nodata.stderr
+    # a run folder that cannot be one, and a setting Lightning refuses: one line each
+    (tmp_path / "afile").write_text("")
+    notdir = vaepipe("fit", "-c", run_dir / "config.yaml", f"run.dir={tmp_path / 'afile' / 'run'}", check=False)
+    assert notdir.returncode == 2 and f"Not a directory: {tmp_path / 'afile' / 'run'}" in notdir.stderr
+    gpu = vaepipe("fit", "-c", run_dir / "config.yaml", f"run.dir={tmp_path / 'g'}", "trainer.accelerator=gpu",
+                  check=False, env={"CUDA_VISIBLE_DEVICES": ""})
+    assert gpu.returncode == 2 and "gpu" in gpu.stderr.splitlines()[-1].lower()
+    assert "Traceback" not in notdir.stderr + gpu.stderr
     for cmd in ("prepare", "fit", "eval", "sample", "config"):
         assert "usage: vaepipe " + cmd in vaepipe(cmd, "--help").stdout
     assert "Traceback" not in missing.stderr + bad.stderr + nodata.stderr

@@ -1,5 +1,6 @@
 """Typed config: composition, validation, clear errors (the CLI contract later issues rely on)."""
 
+import re
 
 import pytest
 import yaml
@@ -55,10 +56,33 @@ def test_wrong_type_and_bad_values():
     with pytest.raises(ConfigError, match="'data.shuffle_buffer'.*>= 0"):
         load_config([], ["data.shuffle_buffer=-1"])
     assert load_config([], ["data.shuffle_buffer=0"]).data.shuffle_buffer == 0  # 0 is the fixed order
+    # values Lightning or the loop would only trip over later (a ZeroDivisionError mid-training, a
+    # traceback from Lightning's checks): refused at once, naming the key
+    for item, says in [("trainer.num_nodes=0", ">= 1"), ("trainer.log_every_n_steps=0", ">= 1"),
+                       ("run.keep_last=-5", ">= 1"), ("run.save_top_k=-3", ">= -1"), ("trainer.devices=0", ">= 1"),
+                       ("trainer.val_check_interval=0", "integer >= 1"), ("trainer.val_check_interval=1.5", "0 < f"),
+                       ("optim.lr=-1", ">= 0"), ("run.every_n_train_steps=-1", ">= 0"), ("model.sigma=0", "> 0")]:
+        with pytest.raises(ConfigError, match=rf"'{item.split('=')[0]}'.*{re.escape(says)}"):
+            load_config([], [item])
+    for item in ("trainer.val_check_interval=0.25", "trainer.val_check_interval=100", "trainer.devices=-1",
+                 "run.save_top_k=-1", "optim.lr=0"):
+        load_config([], [item])  # accepted
+    with pytest.raises(ConfigError, match=r"override 'model.hidden=\[1,2': its value is not valid YAML"):
+        load_config([], ["model.hidden=[1,2"])
     with pytest.raises(ConfigError, match="not key=value"):
         load_config([], ["model.k"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(["no/such.yaml"])
+
+
+def test_a_broken_yaml_file_is_named_with_its_line(tmp_path):
+    bad, listed = tmp_path / "bad.yaml", tmp_path / "list.yaml"
+    bad.write_text("model:\n  beta: [1, 2\n")
+    listed.write_text("- model\n- data\n")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(bad))} is not valid YAML: .*line 2"):
+        load_config([bad])
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(listed))}: a config file holds a mapping"):
+        load_config([listed])
 
 
 def test_cli_config_prints_resolved_yaml_and_fails_clearly():

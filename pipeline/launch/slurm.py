@@ -18,6 +18,7 @@ from string import Template
 from omegaconf import DictConfig
 
 from pipeline.config import ConfigError, to_yaml
+from pipeline.outputs import write_text
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
 SAFE = re.compile(r"^[A-Za-z0-9_.:,=@/+%-]+$")  # what may stand in an #SBATCH line
@@ -94,7 +95,7 @@ def submit(cfg: DictConfig, *, dry_run: bool = False, **options) -> tuple[Path, 
     if dry_run:
         return run_dir / "job.sbatch", text
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(to_yaml(cfg))
+    write_text(config_path, to_yaml(cfg), "config")  # atomically: a requeued job reads it
     return submit_script(run_dir, "job.sbatch", text)
 
 
