@@ -85,6 +85,28 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], what: str
     return path
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Temporary files atomic_write left in `folder` when its process was killed (-9) mid-write:
+    those whose writer process is gone are removed (a checkpoint's weighs as much as the checkpoint)."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def write_text(path: str | Path, text: str, what: str = "file") -> Path:
     data = text.encode()
     return atomic_write(path, lambda f: f.write(data), what, need=len(data))

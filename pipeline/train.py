@@ -25,7 +25,7 @@ from pipeline.errors import (EXIT_RETRYABLE, Preempted, ResumeError, TrainingDiv
                              UnsafeCheckpointError, WriteFailure)
 from pipeline.launch.slurm import requeue_self, under_slurm_batch
 from pipeline.models.vae_module import VAEModule
-from pipeline.outputs import storage_error, write_text
+from pipeline.outputs import remove_stale_temporaries, storage_error, write_text
 from pipeline.tracking import RunFacts, build_logger, finish_wandb, wandb_run_id
 
 GENERATED = ("sprites", "gmm")  # sources that need no input file
@@ -73,11 +73,13 @@ def ensure_prepared(data_cfg, seed: int, log=print, wait_s: float = 3600) -> Non
 
 
 def newest_valid_checkpoint(ckpt_dir: Path) -> str | None:
-    """The checkpoint with the highest global step among last.ckpt and the periodic step-*.ckpt (the
-    ones written at consistent points of the loop); one that cannot be read (truncated by a crash
-    of the file system, say) is skipped with a warning."""
+    """The checkpoint with the highest global step among last.ckpt, the periodic step-*.ckpt and the
+    best-*.ckpt (all written at consistent points of the loop, with the full training state); one
+    that cannot be read (truncated by a crash of the file system, say) is skipped with a warning.
+    A folder whose checkpoints are all unreadable is an error: the run never silently starts over."""
     best, best_step = None, -1
-    for path in sorted([*ckpt_dir.glob("last.ckpt"), *ckpt_dir.glob("step-*.ckpt")]):
+    paths = sorted([*ckpt_dir.glob("last.ckpt"), *ckpt_dir.glob("step-*.ckpt"), *ckpt_dir.glob("best-*.ckpt")])
+    for path in paths:
         try:
             step = load_checkpoint(path, mmap=True)["global_step"]
         except UnsafeCheckpointError:
@@ -87,7 +89,25 @@ def newest_valid_checkpoint(ckpt_dir: Path) -> str | None:
             continue
         if step > best_step or (step == best_step and path.name == "last.ckpt"):
             best, best_step = str(path), step
+    if paths and best is None:
+        raise ResumeError(f"none of the {len(paths)} checkpoint(s) in {ckpt_dir} can be read ({', '.join(p.name for p in paths)}); "
+                          "nothing to resume from. run.resume=never starts the run over (the folder is set aside, "
+                          "not deleted)")
     return best
+
+
+def set_aside(ckpt_dir: Path, paths: list[Path], why: str, log=print) -> None:
+    """Move checkpoints a new start or an explicit resume supersedes into checkpoints.replaced-<time>/
+    beside the folder: kept for the user, never again found by run.resume=auto."""
+    if not paths:
+        return
+    stamp, n = time.strftime("%Y%m%dT%H%M%S"), 0
+    while (dest := ckpt_dir.with_name(f"{ckpt_dir.name}.replaced-{stamp}{f'-{n}' if n else ''}")).exists():
+        n += 1  # two starts within a second: never mix (or overwrite) their files
+    dest.mkdir(parents=True)
+    for path in paths:
+        path.rename(dest / path.name)
+    log(f"{why}: {len(paths)} checkpoint(s) of the run folder moved to {dest}")
 
 
 def checkpoint_run_id(ckpt_path: str | None) -> str | None:
@@ -97,17 +117,77 @@ def checkpoint_run_id(ckpt_path: str | None) -> str | None:
     return ckpt.get("vaepipe", {}).get("wandb_run_id")
 
 
-def resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> str | None:
-    """run.resume: auto (newest valid checkpoint of the run folder, if any), never, or a path."""
-    mode = cfg.run.resume
+def resume_checkpoint(cfg: DictConfig, ckpt_dir: Path, log=print) -> str | None:
+    """run.resume: auto (newest valid checkpoint of the run folder, if any), never, or a path.
+    never and a path leave no checkpoint in the folder that a later auto resume (a requeued job)
+    would prefer to this run's own: never sets all of them aside, a path those of later steps."""
+    mode, own = cfg.run.resume, sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
     if mode == "never":
+        if is_primary_process():
+            set_aside(ckpt_dir, own, "run.resume=never starts the run over", log)
         return None
     if mode != "auto":
         if not Path(mode).is_file():
             raise FileNotFoundError(f"run.resume={mode}: no such checkpoint")
-        load_checkpoint(mode, mmap=True)  # refused here, before any training set-up, if unsafe
+        step = load_checkpoint(mode, mmap=True)["global_step"]  # refused here, before any set-up, if unsafe
+        if is_primary_process():  # the one process that moves files (the others would race it)
+            later = [path for path in own if path.resolve() != Path(mode).resolve() and _step_of(path, step + 1) > step]
+            set_aside(ckpt_dir, later, f"run.resume={mode} (step {step}) branches off", log)
         return mode
     return newest_valid_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
+
+
+def _step_of(path: Path, unreadable: int) -> int:
+    """A checkpoint's global step; `unreadable` for a file that cannot be read."""
+    try:
+        return load_checkpoint(path, mmap=True)["global_step"]
+    except (UnreadableCheckpointError, UnsafeCheckpointError):
+        return unreadable
+
+
+# Settings that define what the weights are and how they are trained: a resume continues the same
+# training, so these must be the checkpoint's (run.init_from starts a new run from its weights).
+# Everything else (how long, on how many processes, logging, checkpoints, data location) may change.
+FIXED_ON_RESUME = ("model.", "optim.", "data.name", "data.binarize", "data.shuffle_buffer", "run.seed",
+                   "trainer.limit_train_batches")
+MAY_CHANGE_ON_RESUME = ("model.compile", "model.eval_k", "optim.max_nonfinite_steps")
+
+
+def check_resume_settings(cfg: DictConfig, checkpoint: dict, path: str) -> None:
+    """Refuse a resume whose settings of FIXED_ON_RESUME differ from the checkpoint's (checked
+    before anything is written to the run folder), naming both values."""
+    saved = (checkpoint.get("hyper_parameters") or {}).get("config")
+    if not isinstance(saved, dict):
+        return
+    now = OmegaConf.to_container(cfg, resolve=True)
+
+    def flat(d, prefix=""):
+        for key, value in d.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    positions = (checkpoint.get("ShardDataModule") or {}).get("stream_positions") or []
+    if positions and "global_batch" in positions[0]:  # after elastic_batch_size: differs only if changed
+        world = planned_world_size(cfg)
+        if positions[0]["global_batch"] != cfg.data.batch_size * world:
+            raise ResumeError(
+                f"cannot resume from {path}: its global batch is {positions[0]['global_batch']} "
+                f"(data.batch_size={positions[0]['batch_size']} x {positions[0]['world_size']} process(es)); this "
+                f"command gives {cfg.data.batch_size * world} (data.batch_size={cfg.data.batch_size} x {world}). "
+                f"Train on with another batch size from its weights in a new run: run.init_from={path} "
+                "run.dir=NEW_FOLDER")
+    theirs, mine = dict(flat(saved)), dict(flat(now))
+    differ = [k for k in mine if k in theirs and mine[k] != theirs[k] and k.startswith(FIXED_ON_RESUME)
+              and k not in MAY_CHANGE_ON_RESUME]
+    if differ:
+        raise ResumeError(
+            f"cannot resume from {path}: it was trained with " + ", ".join(f"{k}={theirs[k]}" for k in differ)
+            + "; this command sets " + ", ".join(f"{k}={mine[k]}" for k in differ) + ". A resume continues the "
+            f"same training: resume with the checkpoint's settings (its config.yaml), or train on with these from its "
+            f"weights in a new run: run.init_from={path} run.dir=NEW_FOLDER (run.resume=never starts this folder over; "
+            "its checkpoints are set aside)")
 
 
 def init_weights(module: pl.LightningModule, path: str, log=print) -> None:
@@ -280,11 +360,21 @@ def _fit(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     ensure_prepared(cfg.data, cfg.run.seed)
     primary_log = print if is_primary_process() else (lambda *_: None)
-    ckpt_path = resume_checkpoint(cfg, run_dir / "checkpoints")
-    if ckpt_path:
-        elastic_batch_size(cfg, load_checkpoint(ckpt_path, mmap=True), log=primary_log)  # tensors not read
     if is_primary_process():
-        write_text(run_dir / "config.yaml", to_yaml(cfg), "config")
+        for tmp in remove_stale_temporaries(run_dir / "checkpoints"):
+            primary_log(f"removed {tmp}: a checkpoint write cut short by a killed process")
+    ckpt_path = resume_checkpoint(cfg, run_dir / "checkpoints", log=primary_log)
+    if ckpt_path:
+        checkpoint = load_checkpoint(ckpt_path, mmap=True)  # tensors not read
+        elastic_batch_size(cfg, checkpoint, log=primary_log)
+        check_resume_settings(cfg, checkpoint, ckpt_path)
+        del checkpoint
+    if is_primary_process():
+        # The folder's config is what resumes it (a requeued Slurm job runs `fit -c config.yaml`):
+        # run.resume=never or a path was this start's instruction, auto is the next one's.
+        saved = cfg.copy()
+        saved.run.resume = "auto"
+        write_text(run_dir / "config.yaml", to_yaml(saved), "config")
     datamodule = ShardDataModule(cfg.data, seed=cfg.run.seed, world_size=planned_world_size(cfg), device=planned_device(cfg),
                                  limit_train_batches=cfg.trainer.limit_train_batches, log=primary_log)
     k = steps_per_call(cfg, datamodule.steps_per_epoch, log=primary_log)
@@ -351,5 +441,7 @@ def _fit(cfg: DictConfig) -> dict:
         print(f"  config:     {result['config']}")
         for p in result["images"]:
             print(f"  images:     {p}")
-        print(f"  next:       {'run the same command to resume' if preemption.stopped_at is not None else f'vaepipe eval {ckpt} --k 5000'}")
+        again = ("run the same command to resume" if cfg.run.resume == "auto" else
+                 f"vaepipe fit -c {result['config']} resumes it (run.resume={cfg.run.resume} was this start's)")
+        print(f"  next:       {again if preemption.stopped_at is not None else f'vaepipe eval {ckpt} --k 5000'}")
     return result

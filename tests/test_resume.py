@@ -111,11 +111,18 @@ def test_a_changed_sample_order_is_refused_clearly(sprites_root, tmp_path):
     # order may not: the global batch on the same number of processes, the shuffle window, the seed.
     run_dir = tmp_path / "run"
     run(args(sprites_root, run_dir, "data.resident=false"), env={"VAEPIPE_FAULT": "7:TERM"}, check=False)
-    for change, said in (("data.batch_size=16", "global batch (data.batch_size x processes) = 32"),
-                         ("data.shuffle_buffer=50", "data.shuffle_buffer = 100"), ("run.seed=1", "run.seed = 0")):
+    config = (run_dir / "config.yaml").read_text()
+    for change, said in (("data.batch_size=16", "its global batch is 32"),
+                         ("data.shuffle_buffer=50", "data.shuffle_buffer=100"), ("run.seed=1", "run.seed=0"),
+                         ("optim.lr=0.5", "optim.lr=0.001"), ("model.hidden=[8]", "model.hidden=[32]")):
         proc = run(args(sprites_root, run_dir, change), check=False)
-        assert proc.returncode == 2
-        assert "cannot resume the data order exactly" in proc.stderr and said in proc.stderr, proc.stderr[-2000:]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert f"cannot resume from {run_dir / 'checkpoints/last.ckpt'}" in proc.stderr, proc.stderr[-2000:]
+        assert said in proc.stderr and "run.init_from=" in proc.stderr, proc.stderr[-2000:]
+        # refused before anything is written: the folder's config still resumes the run (Slurm requeue)
+        assert (run_dir / "config.yaml").read_text() == config
+    done = run(["fit", "-c", str(run_dir / "config.yaml")])
+    assert "resuming from" in done.stdout
 
 
 def test_truncated_newest_checkpoint_is_skipped(reference, sprites_root, tmp_path):
@@ -127,3 +134,37 @@ def test_truncated_newest_checkpoint_is_skipped(reference, sprites_root, tmp_pat
     assert f"skipping unreadable checkpoint {last}" in proc.stderr
     assert "resuming from" in proc.stdout and "step-00000015.ckpt" in proc.stdout
     assert_identical(run_dir, reference["single"])  # replaying steps 15-17 gives the same weights
+
+
+def test_a_new_start_or_an_explicit_resume_sets_superseded_checkpoints_aside(sprites_root, tmp_path):
+    # A: 6 steps with periodic checkpoints. B: run.resume=never in the same folder, stopped at step 3.
+    # The automatic resume after B must continue B (step 3), not A's step-6 file; A's files are kept.
+    run_dir = tmp_path / "run"
+    small = [f"data.root={sprites_root}", f"run.dir={run_dir}", "model.arch=mlp", "model.hidden=[8]",
+             "model.latent_dim=2", "model.eval_k=0", "trainer.max_epochs=-1", "run.every_n_train_steps=2",
+             "trainer.log_every_n_steps=1", "logger.backend=csv", "logger.image_every_n_epochs=0", "run.test=false",
+             "trainer.enable_progress_bar=false", "data.num_workers=0"]
+    run(["fit", *small, "trainer.max_steps=6"])
+    b = run(["fit", *small, "trainer.max_steps=3", "run.resume=never"])
+    aside = list(tmp_path.glob("run/checkpoints.replaced-*/step-00000006.ckpt"))
+    assert len(aside) == 1 and "moved to" in b.stdout and "resuming" not in b.stdout
+    assert "resume: auto" in (run_dir / "config.yaml").read_text()  # the folder's config resumes it
+    stale = run_dir / "checkpoints/.last.ckpt.tmp-4194303"  # left by a writer killed -9 (no such pid)
+    stale.write_bytes(b"x" * 1000)
+    c = run(["fit", "-c", str(run_dir / "config.yaml"), "trainer.max_steps=4"])
+    assert f"resuming from {run_dir / 'checkpoints/last.ckpt'}" in c.stdout
+    assert not stale.exists() and f"removed {stale}" in c.stdout
+    assert load_checkpoint(run_dir / "checkpoints/last.ckpt")["global_step"] == 4
+    # an explicit older checkpoint: the later ones are set aside, so the next auto resume continues it
+    run(["fit", *small, "trainer.max_steps=3", f"run.resume={run_dir / 'checkpoints/step-00000002.ckpt'}"])
+    first, second = sorted(tmp_path.glob("run/checkpoints.replaced-*"))
+    assert {"last.ckpt", "step-00000004.ckpt"} <= {p.name for p in second.iterdir()}  # and the later best-*
+    d = run(["fit", *small, "trainer.max_steps=4"])
+    assert f"resuming from {run_dir / 'checkpoints/last.ckpt'}" in d.stdout
+    assert load_checkpoint(run_dir / "checkpoints/last.ckpt")["global_step"] == 4
+    # every checkpoint unreadable: an error naming the folder, never a silent new start
+    for path in (run_dir / "checkpoints").glob("*.ckpt"):
+        path.write_bytes(path.read_bytes()[:3000])
+    bad = run(["fit", *small, "trainer.max_steps=8"], check=False)
+    assert bad.returncode == 2 and "can be read" in bad.stderr and "run.resume=never" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -258,7 +258,7 @@ class ShardDataModule(pl.LightningDataModule):
                 + ", ".join(f"{names[k]} = {saved.get(k)}" for k in differ) + "; this run has "
                 + ", ".join(f"{names[k]} = {now[k]}" for k in differ) + " (steps per epoch follow from the global "
                 "batch and trainer.limit_train_batches). Resume with the same values, or start a new run folder "
-                "(run.resume=never keeps the old one untouched).")
+                "(run.resume=never starts this one over, its checkpoints set aside).")
         positions = {(p["epoch"], p["batches"]) for p in ranks}
         if len(positions) != 1:
             raise ResumeError(f"the checkpoint's ranks stopped at different positions {sorted(positions)}")
