@@ -27,6 +27,7 @@ DATA=${VAEPIPE_DATA:-../shared/data}
 TRAIN_S=${GPU_CHECK_TRAIN_S:-90}
 SECTIONS=" ${GPU_CHECK_SECTIONS:-1 2 3} "
 WORK=${GPU_CHECK_DIR:-$(mktemp -d)}
+mkdir -p "$WORK"
 export WANDB_MODE=offline PYTHONUNBUFFERED=1
 
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
@@ -54,11 +55,29 @@ section "3. IWAE paper VAE k=1, fixed binarisation, ${TRAIN_S} s of its schedule
 NPZ="$DATA/binarized_mnist/binarized_mnist_uint8.npz"
 if [ -f "$NPZ" ]; then
   RUN="$WORK/iwae_vae_k1"
-  timeout --signal=USR1 --kill-after=120 "$TRAIN_S" "$PY" -m pipeline fit -c configs/vae_mnist.yaml \
+  # In the background, then SIGUSR1 after TRAIN_S (the preemption path: checkpoint and stop). On
+  # 2026-11-28 (H200) the fit did not stop within 120 s of the signal and was killed, with nothing
+  # printed after its start: now a run that does not stop within 60 s gets SIGABRT first, which
+  # (PYTHONFAULTHANDLER) prints every thread's Python stack, and the log's last step is shown.
+  PYTHONFAULTHANDLER=1 "$PY" -m pipeline fit -c configs/vae_mnist.yaml \
     -c configs/iwae_paper.yaml model.objective=elbo model.k=1 data.name=binarized-mnist data.binarize=none \
     data.source="$NPZ" data.root="$WORK/bmnist" run.dir="$RUN" logger.backend=csv trainer.enable_progress_bar=false \
-    run.test=false 2>&1 | grep -v "^Epoch\|it/s\]$" | tail -15
-  code=${PIPESTATUS[0]}
+    run.test=false > "$WORK/fit.log" 2>&1 &
+  pid=$!
+  for _ in $(seq "$TRAIN_S"); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+  last() { tail -qn 1 "$RUN"/logs/*/metrics.csv 2>/dev/null | cut -d, -f1 | sort -n | tail -1; }
+  if kill -0 "$pid" 2>/dev/null; then
+    echo "SIGUSR1 after $TRAIN_S s (last logged step: $(last))"
+    kill -USR1 "$pid"
+    for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    if kill -0 "$pid" 2>/dev/null; then
+      echo "not stopped 60 s after SIGUSR1 (last logged step: $(last)); SIGABRT for the stacks, then SIGKILL"
+      nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null
+      kill -ABRT "$pid"; sleep 5; kill -KILL "$pid" 2>/dev/null
+    fi
+  fi
+  wait "$pid"; code=$?
+  grep -v "^Epoch\|it/s\]$" "$WORK/fit.log" | tail -40
   echo "fit exit code $code (75: stopped by the time budget after its checkpoint, 0: schedule finished)"
   "$PY" - "$RUN" <<'EOF'
 import sys

@@ -249,8 +249,9 @@ def _separate_sweep_trial(cfg: DictConfig) -> None:
     run_id = os.environ.get("WANDB_RUN_ID")
     if not (os.environ.get("WANDB_SWEEP_ID") and run_id) or str(cfg.run.name).endswith(run_id):
         return
-    if not OmegaConf.is_interpolation(cfg.run, "dir"):
-        cfg.run.dir = str(Path(cfg.run.dir) / run_id)
+    raw_dir = OmegaConf.to_container(cfg.run, resolve=False)["dir"]
+    if "run.name" not in str(raw_dir):  # a folder that the trial's name below does not already separate
+        cfg.run.dir = str(Path(OmegaConf.select(cfg, "run.dir")) / run_id)
     cfg.run.name = f"{cfg.run.name}-{run_id}"
 
 

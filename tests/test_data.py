@@ -119,9 +119,16 @@ def test_prepare_refuses_to_overwrite_and_force_rebuilds(tmp_path):
     prepare("gmm", tmp_path, sizes={"train": 100, "val": 10, "test": 10}, log=lambda *_: None)
     with pytest.raises(FileExistsError, match="manifest.json"):
         prepare("gmm", tmp_path, log=lambda *_: None)
+    # a rebuild whose input is wrong fails before it removes anything: the old set stays whole
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(FileNotFoundError):
+        prepare("npz", tmp_path, source=str(tmp_path / "no-such.npz"), force=True, log=lambda *_: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and verify(tmp_path) == []
+    (tmp_path / "backup.tar").write_bytes(b"not ours")
     prepare("gmm", tmp_path, sizes={"train": 50, "val": 10, "test": 10}, force=True, log=lambda *_: None)
     assert read_manifest(tmp_path)["splits"]["train"]["num_samples"] == 50
     assert len(list(tmp_path.glob("train-*.tar"))) == 1
+    assert (tmp_path / "backup.tar").read_bytes() == b"not ours"  # only our shard names are removed
 
 
 def test_truncated_shard_is_named(tmp_path):

@@ -155,6 +155,8 @@ def test_rendered_script_quotes_values(tmp_path):
                          capture_output=True, check=True).stdout
     assert "export NOTE='a b; rm -rf /'" in out and "#SBATCH --partition=multi" in out
     assert "#SBATCH --signal=SIGUSR1@120" in out and "#SBATCH --requeue" in out and "srun " in out
+    # the CPUs asked for reach srun's tasks (srun does not inherit sbatch's --cpus-per-task)
+    assert out.index("export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK}") < out.index("srun --kill-on-bad-exit")
 
 
 def test_local_sweep_as_a_job_array_with_two_task_trials(cluster, sprites_root, tmp_path):

@@ -1,6 +1,7 @@
 """Tests for pipeline.data.sources: generated sources (sprites, gmm) and file sources."""
 
 import gzip
+import re
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +203,19 @@ def test_file_errors(tmp_path):
     np.save(tmp_path / "frey.npy", np.zeros((300, 28, 21), np.uint8))
     with pytest.raises(ValueError, match=r"frey\.npy.*\(300, 28, 21\)"):
         load_source("frey", tmp_path / "frey.npy")
+    # a file in another format than the source takes: one error naming it (was numpy's, gzip's or
+    # zipfile's traceback)
+    np.save(tmp_path / "x.npy", np.zeros((3, 784), np.uint8))
+    (tmp_path / "cut.npz").write_bytes(b"PK\x03\x04 not a zip")
+    (tmp_path / "text.txt").write_text("hello")
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    for f in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (idx / f"{f}.gz").write_bytes(b"not gzip")
+    for name, path in [("binarized-mnist", tmp_path / "x.npy"), ("binarized-mnist", tmp_path / "cut.npz"),
+                       ("frey", bad), ("mnist", idx), ("npz", tmp_path / "text.txt")]:
+        with pytest.raises(ValueError, match=rf"source '{name}': cannot read {re.escape(str(path))}"):
+            load_source(name, path)
 
 
 def test_unknown_name_lists_valid_names():

@@ -127,6 +127,7 @@ def test_submit_renders_an_array_of_agents(tmp_path):
     assert "#SBATCH --signal=B:USR1@120" in text and "#SBATCH --time=02:00:00" in text
     assert "exec " in text and "-m wandb agent --forward-signals --count 1 me/vaepipe/abc123" in text
     assert 'export VAEPIPE_TRIAL_SRUN="srun --kill-on-bad-exit=1"' in text  # 2 tasks: fit runs under srun
+    assert "export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK}" in text
     assert "slurm-%A_%a.out" in text and "${" not in text.replace("${SLURM", "")
 
 
@@ -138,5 +139,8 @@ def test_each_agent_trial_gets_its_own_run_folder(monkeypatch):
     cfg = load_config([ROOT / "configs/iwae_mnist.yaml"], ["model.k=50"])
     assert cfg.run.name == "iwae_mnist_k50-abc123" and cfg.run.dir == "runs/iwae_mnist_k50-abc123"
     assert load_config([], ["run.dir=/scratch/x"]).run.dir == "/scratch/x/abc123"  # explicit folders too
+    # an interpolated folder that does not use run.name: trials must not share it either
+    assert load_config([], ["run.dir=/scratch/${data.name}"]).run.dir == "/scratch/sprites/abc123"
+    assert load_config([], ["run.dir=/scratch/${run.name}/out"]).run.dir == "/scratch/vae_sprites-abc123/out"
     monkeypatch.delenv("WANDB_SWEEP_ID")
     assert load_config([], []).run.dir == "runs/vae_sprites"  # outside a sweep: unchanged

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -107,11 +108,17 @@ def prepare(name: str, out: str | Path, source: str | None = None, seed: int = 0
     out = Path(out)
     if (out / MANIFEST).exists() and not force:
         raise FileExistsError(f"{out / MANIFEST} exists: the data set is already prepared (use --force to rebuild)")
-    out.mkdir(parents=True, exist_ok=True)
-    for old in [*out.glob("*.tar"), out / MANIFEST]:
-        old.unlink(missing_ok=True)
     t0 = time.time()
+    # The source is read (and checked) before anything is removed: a rebuild with a wrong --source or
+    # --sizes fails with the old data set intact.
     data: SourceData = load_source(name, source, seed=seed, sizes=sizes)
+    out.mkdir(parents=True, exist_ok=True)
+    # The manifest first (a folder without one is incomplete), then only files named as our shards:
+    # other .tar files in the folder are not ours to delete.
+    (out / MANIFEST).unlink(missing_ok=True)
+    for old in out.glob("*.tar"):
+        if re.fullmatch(rf"({'|'.join(SPLITS)})-\d{{6,}}\.tar", old.name):
+            old.unlink()
     manifest = {
         "format_version": FORMAT_VERSION, "name": name, "source": source, "seed": seed,
         "scale": data.scale, "binary": data.binary,

@@ -6,6 +6,7 @@ File sources: mnist (idx files), binarized-mnist (npz), frey (npy), and a generi
 """
 
 import gzip
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,7 +228,23 @@ def _as_data(splits):
 def load_source(name: str, source: str | Path | None = None, seed: int = 0,
                 sizes: dict[str, int] | None = None) -> SourceData:
     """Load source `name` as SourceData. `source` is the file/folder for file sources;
-    `sizes` sets split counts for generated sources and caps them for file sources."""
+    `sizes` sets split counts for generated sources and caps them for file sources. A file in
+    another format than the source expects (a .npy for an .npz, a truncated archive, text) is one
+    error naming the file, not a traceback from numpy's or gzip's reader."""
+    try:
+        return _load_source(name, source, seed, sizes)
+    except FileNotFoundError:
+        raise
+    except ValueError as err:  # ours name the file; numpy's (a text or pickle file) do not
+        if source is None or str(source) in str(err):
+            raise
+        raise ValueError(f"source '{name}': cannot read {source}: {err}") from None
+    except (OSError, EOFError, zipfile.BadZipFile, TypeError, AttributeError, KeyError, IndexError) as err:
+        raise ValueError(f"source '{name}': cannot read {source} as its expected format "
+                         f"({type(err).__name__}: {err}); see docs/data.md for the files each source takes") from None
+
+
+def _load_source(name: str, source, seed: int, sizes: dict[str, int] | None) -> SourceData:
     if name == "sprites":
         return _load_sprites(seed, sizes)
     if name == "gmm":
