@@ -72,12 +72,13 @@ def resolve_wandb_mode(mode: str) -> tuple[str, str | None]:
     return "online", None
 
 
-def wandb_run_id(run_dir: Path, from_checkpoint: str | None = None, write: bool = True) -> str:
+def wandb_run_id(run_dir: Path, from_checkpoint: str | None = None, write: bool = True, new: bool = False) -> str:
     """The run's wandb id: a sweep agent's WANDB_RUN_ID, else the one stored in the run folder, else
-    the one in the checkpoint being resumed, else a new one (stored for the next restart)."""
+    the one in the checkpoint being resumed, else a new one (stored for the next restart). `new`: a
+    run started over in its folder (run.resume=never) gets a new wandb run, not the old one's."""
     path = Path(run_dir) / RUN_ID_FILE
     run_id = os.environ.get("WANDB_RUN_ID")
-    if not run_id and path.is_file():
+    if not run_id and path.is_file() and not new:
         run_id = path.read_text().strip()
     run_id = run_id or from_checkpoint
     if not run_id:

@@ -389,7 +389,8 @@ def _fit(cfg: DictConfig) -> dict:
         init_weights(module, cfg.run.init_from, log=primary_log)
     run_id = None
     if cfg.logger.backend == "wandb":  # one wandb run per run folder, continued after every restart
-        run_id = wandb_run_id(run_dir, checkpoint_run_id(ckpt_path), write=is_primary_process())
+        run_id = wandb_run_id(run_dir, checkpoint_run_id(ckpt_path), write=is_primary_process(),
+                              new=cfg.run.resume == "never")
     throughput = Throughput()
     trainer = build_trainer(cfg, run_dir, images, preemption, throughput, run_id, datamodule, k)
     if ckpt_path and is_primary_process():

@@ -62,6 +62,9 @@ def test_run_id_is_created_once_and_sweep_id_wins(tmp_path, monkeypatch):
     assert (tmp_path / "wandb_run_id").read_text().strip() == first
     assert wandb_run_id(tmp_path, from_checkpoint="other") == first  # the folder's id wins
     assert wandb_run_id(tmp_path / "new", from_checkpoint="fromckpt") == "fromckpt"
+    # run.resume=never: the run starts over in its folder as a new wandb run, remembered from then on
+    fresh = wandb_run_id(tmp_path, new=True)
+    assert fresh != first and wandb_run_id(tmp_path) == fresh
     monkeypatch.setenv("WANDB_RUN_ID", "agentid1")
     assert wandb_run_id(tmp_path / "trial") == "agentid1"
 
