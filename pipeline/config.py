@@ -270,6 +270,9 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Dict
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{path}: a config file holds a mapping of keys (model:, data:, ...), "
                               f"not a {type(loaded).__name__}")
+        written = (yaml.load(path.read_text(), Loader=yaml.BaseLoader) or {}).get("slurm")  # every scalar a string
+        if isinstance(written, dict) and isinstance(written.get("time"), str):
+            loaded.slurm.time = written["time"]  # as written: YAML 1.1 reads 12:00:00 as 43200 (base 60)
         try:
             cfg = OmegaConf.merge(cfg, loaded)
         except OmegaConfBaseException as err:
@@ -277,7 +280,11 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Dict
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not key=value (e.g. model.beta=4)")
+        key, _, value = item.partition("=")
         try:
+            if key.strip() == "slurm.time":  # a Slurm time as written, not YAML's base-60 number
+                cfg = OmegaConf.merge(cfg, {"slurm": {"time": value.strip().strip("'\"")}})
+                continue
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             raise _explain(err, schema, f"override '{item}'") from None

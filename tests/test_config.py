@@ -75,6 +75,16 @@ def test_wrong_type_and_bad_values():
         load_config(["no/such.yaml"])
 
 
+def test_a_slurm_time_stays_as_written(tmp_path):
+    # YAML 1.1 reads 12:00:00 as the base-60 integer 43200 (then refused as not a Slurm time) and
+    # 1:30 as 90 (which Slurm reads as 90 minutes): the walltime is kept as written.
+    site = tmp_path / "site.yaml"
+    site.write_text("slurm:\n  time: 24:00:00\n")
+    assert load_config([site]).slurm.time == "24:00:00"
+    assert load_config([site], ["slurm.time=12:00:00"]).slurm.time == "12:00:00"
+    assert load_config([], ["slurm.time=1:30"]).slurm.time == "1:30"
+
+
 def test_a_broken_yaml_file_is_named_with_its_line(tmp_path):
     bad, listed = tmp_path / "bad.yaml", tmp_path / "list.yaml"
     bad.write_text("model:\n  beta: [1, 2\n")
