@@ -25,18 +25,18 @@ class StepCalls:
     at step (j + 1) k of the epoch (the last one may be short), also on resume: an epoch resumed at
     step `first` (a run stopped inside a call by max_steps, or resumed with another k) starts with
     the rest of its call, so periodic checkpoints and validation every N steps stay on their steps.
-    `len` counts the calls before `first` (`done_calls` = first // k) too, so Lightning's epoch
-    ends where ours does and its batch index is the call's."""
+    `len` counts the calls before `first` (first // k) too, so Lightning's epoch ends where ours
+    does and its batch index is the call's."""
 
     def __init__(self, k: int):
-        self.k, self.first, self.steps, self.done_calls, self.batches = k, 0, 0, 0, None
+        self.k, self.first, self.steps, self.batches = k, 0, 0, None
 
-    def start(self, first: int, steps: int, done_calls: int, batches) -> "StepCalls":
-        self.first, self.steps, self.done_calls, self.batches = first, steps, done_calls, batches
+    def start(self, first: int, steps: int, batches) -> "StepCalls":
+        self.first, self.steps, self.batches = first, steps, batches
         return self
 
     def __len__(self) -> int:
-        return self.done_calls + max(0, math.ceil(self.steps / self.k) - self.first // self.k)
+        return max(self.first // self.k, math.ceil(self.steps / self.k))
 
     def __iter__(self):
         it, i = iter(self.batches()), self.first
@@ -185,12 +185,12 @@ class ShardDataModule(pl.LightningDataModule):
         self._check_world()
         t = self.trainer
         epoch = t.current_epoch if t is not None else 0
-        first, done_calls, steps = 0, 0, self.steps_per_epoch
+        first, steps = 0, self.steps_per_epoch
         if self._resume is not None and self._resume["epoch"] == epoch:
             first, self._resume = self._resume["steps"], None
-            done_calls = first // self._calls.k
             if t is not None:
-                align_call_counters(t, done_calls, epoch * math.ceil(steps / self._calls.k) + done_calls)
+                done = first // self._calls.k
+                align_call_counters(t, done, epoch * math.ceil(steps / self._calls.k) + done)
         if self.resident:
             if self._train_split is None:
                 self._train_split = self._resident("train", train=True)
@@ -201,13 +201,13 @@ class ShardDataModule(pl.LightningDataModule):
                 self.log_fn(f"data: train split resident on {self._device()} ({mb:.0f} MB, {n} samples{short}; "
                             f"{steps} steps of {self.cfg.batch_size} per epoch, {self._calls.k} per call)")
             split = self._train_split
-            return self._calls.start(first, steps, done_calls,
+            return self._calls.start(first, steps,
                                      lambda: (split.batch(epoch, i) for i in range(first, steps)))
         if self._train_loader is None:
             self._train_loader = self._stream("train", train=True, skip=first, epoch=epoch)
         else:
             self._train_loader.dataset.set_epoch(epoch)
-        return self._calls.start(first, steps, done_calls, lambda: self._train_loader)
+        return self._calls.start(first, steps, lambda: self._train_loader)
 
     def val_dataloader(self):
         """The same batches at every validation (resident, or a loader whose workers stay alive)."""
