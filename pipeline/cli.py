@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -231,8 +233,6 @@ def _slurm_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    import shlex
-
     from pipeline.launch import sweep as sw
 
     cmd = args.sweep_command
@@ -287,9 +287,6 @@ def run_sweep(args: argparse.Namespace) -> int:
 def relaunch_under_srun() -> None:
     """A multi-process sweep trial: the agent started `vaepipe fit` once; srun starts it once per
     task (VAEPIPE_TRIAL_SRUN, set by slurm/sweep_array.sbatch), in place of this process."""
-    import os
-    import shlex
-
     launcher = os.environ.pop("VAEPIPE_TRIAL_SRUN", "")
     if launcher:
         argv = [*shlex.split(launcher), sys.executable, "-m", "pipeline", *sys.argv[1:]]
@@ -305,6 +302,10 @@ def main(argv: list[str] | None = None) -> None:
     if extra:
         args.overrides = [*args.overrides, *extra]
     if args.command == "fit":
+        trial = os.environ.pop("VAEPIPE_TRIAL_OVERRIDES", "")
+        if trial:  # a sweep trial of a Slurm array: the job's size (pipeline.launch.sweep.submit_array)
+            args.overrides = [*args.overrides, *shlex.split(trial)]
+            sys.argv = [*sys.argv, *shlex.split(trial)]  # and so to the srun relaunch
         relaunch_under_srun()
         signals.install()  # before torch is even imported (see pipeline/signals.py)
     try:

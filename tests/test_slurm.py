@@ -167,10 +167,13 @@ def test_local_sweep_as_a_job_array_with_two_task_trials(cluster, sprites_root, 
                     "parameters: {model.beta: {values: [1.0, 4.0]}}\n"
                     "command: ['${env}', vaepipe, fit, '${args_no_hyphens}']\n")
     out = tmp_path / "sweep"
-    args = [f"data.root={sprites_root}", "trainer.devices=2", "trainer.max_steps=8", "trainer.val_check_interval=4",
+    # the job's size only in the site config: the trials must get it too (VAEPIPE_TRIAL_OVERRIDES)
+    site = tmp_path / "site.yaml"
+    site.write_text("trainer: {devices: 2}\n")
+    args = [f"data.root={sprites_root}", "trainer.max_steps=8", "trainer.val_check_interval=4",
             "run.test=false", *COMMON, *SMALL]
     proc = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "local", str(spec), "--out", str(out), "--slurm",
-                           *args], cwd=ROOT, text=True, capture_output=True, env=cluster.env)
+                           "-c", str(site), *args], cwd=ROOT, text=True, capture_output=True, env=cluster.env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     job = re.search(r"submitted job array (\d+)", proc.stdout).group(1)
     for task in (0, 1):

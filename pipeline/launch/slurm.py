@@ -22,7 +22,22 @@ from pipeline.outputs import write_text
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
 SAFE = re.compile(r"^[A-Za-z0-9_.:,=@/+%-]+$")  # what may stand in an #SBATCH line
-TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
+# Slurm's time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (minutes and hours may exceed 59 / 23)
+TIME = re.compile(r"^(?:(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
+                  r"|(?P<h>\d+):(?P<hm>\d+):(?P<hs>\d+)|(?P<m>\d+)(?::(?P<ms>\d+))?)$")
+
+
+def slurm_seconds(text: str) -> int:
+    """Seconds in a Slurm time limit (`--time`), or a ConfigError naming it."""
+    match = TIME.match(str(text))
+    if not match:
+        raise ConfigError(f"--time {text!r} is not a Slurm time (M, M:S, H:M:S, D-H, D-H:M or D-H:M:S)")
+    g = {k: int(v) for k, v in match.groupdict().items() if v is not None}
+    if "d" in g:
+        return ((g["d"] * 24 + g["dh"]) * 60 + g.get("dm", 0)) * 60 + g.get("ds", 0)
+    if "h" in g:
+        return (g["h"] * 60 + g["hm"]) * 60 + g["hs"]
+    return g["m"] * 60 + g.get("ms", 0)
 
 
 def _sbatch_value(key: str, value) -> str:
@@ -55,9 +70,11 @@ def render(cfg: DictConfig, *, nodes: int | None = None, gpus_per_node: int | No
     """The sbatch script for this config (no file written, nothing submitted)."""
     s = cfg.slurm
     n_nodes, tasks, gpus = check_sizes(cfg, nodes, gpus_per_node)
-    time = time or s.time
-    if not TIME.match(str(time)):
-        raise ConfigError(f"--time {time!r} is not a Slurm time (MM, HH:MM:SS or D-HH:MM:SS)")
+    time = str(time or s.time)
+    limit_s = slurm_seconds(time)
+    if not 0 < int(s.signal_grace_s) < limit_s:
+        raise ConfigError(f"slurm.signal_grace_s={s.signal_grace_s} must be positive and shorter than --time {time} "
+                          f"({limit_s} s): the job is told to checkpoint that long before its limit")
     lines = []
     for key, value in (("partition", partition or s.partition), ("account", account or s.account)):
         if value:
@@ -84,7 +101,9 @@ def render(cfg: DictConfig, *, nodes: int | None = None, gpus_per_node: int | No
     path = Path(template or s.template or TEMPLATES / "train.sbatch")
     if not path.is_file():
         raise FileNotFoundError(f"sbatch template not found: {path}")
-    return Template(path.read_text()).substitute(values)
+    # safe_substitute: a $NAME that is not one of ours ($HOME, $SLURM_JOB_ID in a site's own template)
+    # is the shell's and stays as written; ours are filled in
+    return Template(path.read_text()).safe_substitute(values)
 
 
 def submit(cfg: DictConfig, *, dry_run: bool = False, **options) -> tuple[Path, str | None]:

@@ -251,6 +251,11 @@ def submit_array(cfg, *, template: str, array: str, name: str, extra: dict, dry_
     # A multi-process trial: the agent (or trial runner) is one process; `vaepipe fit` relaunches
     # itself under srun to get one task per device (pipeline.cli).
     launch = 'export VAEPIPE_TRIAL_SRUN="srun --kill-on-bad-exit=1"' if tasks > 1 else ""
+    # The job's size and requeue setting reach every trial's `vaepipe fit` (pipeline.cli), also when
+    # they came from `-c site.yaml`, which the trial's own command line does not name.
+    sizing = (f"trainer.devices={cfg.trainer.devices} trainer.num_nodes={cfg.trainer.num_nodes} "
+              f"slurm.requeue={str(cfg.slurm.requeue).lower()}")
+    launch += f"\nexport VAEPIPE_TRIAL_OVERRIDES={shlex.quote(sizing)}"
     run_dir = Path(cfg.run.dir)
     values = {"array": array, "trial_launch": launch, "output": str(run_dir.resolve() / "slurm-%A_%a.out"),
               "job_name": re.sub(r"[^A-Za-z0-9_.-]", "_", f"vaepipe-sweep-{name}"), **extra}
