@@ -17,7 +17,7 @@ from pipeline.callbacks import AtomicCheckpointIO, ImageGrids, LastCheckpoint, R
 from pipeline.checkpoints import load_checkpoint
 from pipeline.config import ConfigError, to_yaml
 from pipeline.data.location import is_remote
-from pipeline.data.shards import MANIFEST, prepare
+from pipeline.data.shards import MANIFEST, prepare, read_manifest
 from pipeline.data.sources import SOURCE_NAMES
 from pipeline.data.datamodule import ShardDataModule
 from pipeline.data.resident import pixel_mean
@@ -50,7 +50,10 @@ def ensure_prepared(data_cfg, seed: int, log=print, wait_s: float = 3600) -> Non
     """Prepare the shards when the data root has no manifest and `data.prepare` allows it. Other
     ranks wait for rank 0's manifest instead of writing the same files at the same time."""
     root = Path(data_cfg.root)
-    if is_remote(str(data_cfg.root)) or (root / MANIFEST).exists():
+    if is_remote(str(data_cfg.root)):
+        return
+    if (root / MANIFEST).exists():
+        check_prepared(data_cfg, root, log)
         return
     if not is_primary_process():
         deadline = time.time() + wait_s
@@ -70,6 +73,31 @@ def ensure_prepared(data_cfg, seed: int, log=print, wait_s: float = 3600) -> Non
     log(f"preparing '{data_cfg.name}' shards in {root} ...")
     prepare(data_cfg.name, root, source=data_cfg.source, seed=seed, shard_bytes=data_cfg.shard_bytes,
             shard_samples=data_cfg.shard_samples, log=log)
+
+
+def check_prepared(data_cfg, root: Path, log=print) -> None:
+    """An existing data set is reused only if it is the one asked for: another data set's folder
+    (data.root shared by two configs, a copied command) must not train silently on the wrong data."""
+    try:
+        manifest = read_manifest(root)
+    except FileNotFoundError:
+        return  # removed meanwhile by another process: the data module says so
+    have = manifest.get("name")
+    if have is not None and have != data_cfg.name:
+        raise ConfigError(f"data.root '{root}' holds the data set '{have}', but data.name={data_cfg.name!r}: point "
+                          f"data.root at the '{data_cfg.name}' shards (the default is data/<data.name>), or rebuild "
+                          f"this folder with `vaepipe prepare {data_cfg.name} --out {root} --force`")
+    source = manifest.get("source")
+    if data_cfg.source and source and not _same_file(data_cfg.source, source):
+        log(f"note: {root / MANIFEST} was prepared from {source}, not data.source={data_cfg.source}; using the "
+            f"prepared shards (`vaepipe prepare {data_cfg.name} --source ... --out {root} --force` rebuilds them)")
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve() or Path(a).samefile(b)
+    except OSError:
+        return False
 
 
 def newest_valid_checkpoint(ckpt_dir: Path) -> str | None:
@@ -356,9 +384,9 @@ def _fit(cfg: DictConfig) -> dict:
     # saving "pre-optimization state" under manual optimisation does not apply.
     warnings.filterwarnings("ignore", message=".*Using ModelCheckpoint with manual optimization")
     run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
-    ensure_prepared(cfg.data, cfg.run.seed)
+    ensure_prepared(cfg.data, cfg.run.seed)  # before the run folder: a data error leaves nothing behind
+    run_dir.mkdir(parents=True, exist_ok=True)
     primary_log = print if is_primary_process() else (lambda *_: None)
     if is_primary_process():
         for tmp in remove_stale_temporaries(run_dir / "checkpoints"):

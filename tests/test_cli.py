@@ -98,6 +98,10 @@ def test_bad_input_gets_one_clear_line(trained_run, tmp_path):
         assert "cut.ckpt is not a readable vaepipe checkpoint" in proc.stderr
     nodata = vaepipe("fit", f"data.root={tmp_path / 'empty'}", "data.name=mnist", check=False)
     assert nodata.returncode == 2 and "data.source=PATH" in nodata.stderr
+    # a folder prepared for another data set is not silently trained on (a copied data.root, say)
+    other = vaepipe("fit", "-c", run_dir / "config.yaml", f"run.dir={tmp_path / 'o'}", "data.name=mnist", check=False)
+    assert other.returncode == 2 and "holds the data set 'sprites', but data.name='mnist'" in other.stderr, other.stderr
+    assert not (tmp_path / "o").exists()
     # a run folder that cannot be one, and a setting Lightning refuses: one line each
     (tmp_path / "afile").write_text("")
     notdir = vaepipe("fit", "-c", run_dir / "config.yaml", f"run.dir={tmp_path / 'afile' / 'run'}", check=False)
