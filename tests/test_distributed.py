@@ -15,7 +15,10 @@ import torch
 from pipeline.data.plan import plan_epoch
 from pipeline.data.shards import prepare, read_manifest
 from tests.conftest import ROOT
+from pipeline import vae_math
 from pipeline.checkpoints import load_checkpoint
+from pipeline.data.stream import make_loader
+from pipeline.evaluate import load_module
 
 MODEL = ["model.arch=mlp", "model.hidden=[32]", "model.latent_dim=4", "model.eval_k=3", "logger.backend=csv",
          "trainer.enable_progress_bar=false", "logger.image_every_n_epochs=0", "trainer.log_every_n_steps=1",
@@ -75,8 +78,10 @@ def test_two_processes_and_two_nodes_match_one_process(sprites_root, tmp_path):
 
 def test_uneven_shards_more_workers_than_shards(tmp_path):
     # 25/25/25/20 samples: webdataset's own split gives 10 vs 9 batches of 5 and DDP hangs.
+    # 5 validation samples in one shard over 6 slots: one slot has none (its part is empty), and
+    # every slot is padded to a batch of 4: 24 samples evaluated, 19 of them repeats.
     root = tmp_path / "gmm"
-    prepare("gmm", root, sizes={"train": 95, "val": 11, "test": 10}, shard_samples=25, log=lambda *_: None)
+    prepare("gmm", root, sizes={"train": 95, "val": 5, "test": 10}, shard_samples=25, log=lambda *_: None)
     proc = launch([f"data.root={root}", "data.name=gmm", f"run.dir={tmp_path / 'run'}", "data.batch_size=5",
                    "data.eval_batch_size=4", "data.num_workers=3", "data.resident=false", "trainer.devices=2",
                    "trainer.max_epochs=2",
@@ -90,6 +95,15 @@ def test_uneven_shards_more_workers_than_shards(tmp_path):
     dropped, repeated = map(int, re.search(r"(\d+) samples dropped, (\d+) repeated", out).groups())
     assert dropped - repeated == 5
     print(f"\nuneven shards: per epoch {dropped} samples dropped, {repeated} repeated")
+    # The last validation (final weights) is the mean over the 5 validation samples, the padding
+    # left out: its KL term (no sampling in it) equals the one computed here in one process.
+    rows = [r for p in sorted((tmp_path / "run").glob("logs/*/metrics.csv")) for r in csv.DictReader(open(p))]
+    logged = [float(r["val/kl"]) for r in rows if r.get("val/kl")][-1]
+    module = load_module(tmp_path / "run")
+    x = torch.cat([b["x"] for b in make_loader(root, "val", 100)])
+    with torch.no_grad():
+        kl = vae_math.kl_standard_normal(*module.vae.encode(x)).mean().item()
+    assert len(x) == 5 and logged == pytest.approx(kl, rel=1e-5), (logged, kl)
 
 
 def test_plan_is_identical_on_every_rank_and_disjoint():

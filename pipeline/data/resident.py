@@ -99,6 +99,7 @@ class ResidentSplit:
             per_rank = math.ceil(n / world_size)
             mine = torch.arange(rank, n, world_size, device=data.device)
             self._eval_index = torch.cat([mine, mine[: per_rank - len(mine)]]) if len(mine) < per_rank else mine
+            self._eval_own = len(mine)  # the rest repeats, only to keep the ranks in step (marked)
             self.steps_per_epoch = math.ceil(per_rank / batch_size) if world_size > 1 else math.ceil(len(mine) / batch_size)
         self._order_epoch, self._order = None, None
         self._gen = torch.Generator(device=data.device)  # reseeded per batch: no generator built per step
@@ -128,6 +129,8 @@ class ResidentSplit:
             x = torch.bernoulli(x, generator=self._gen)
         elif self.binarize == "threshold":
             x = (x > 0.5).float()
+        if not self.train and self.world > 1:  # which samples are this rank's own, not padding
+            return {"x": x, "real": torch.arange(index * b, index * b + len(idx), device=x.device) < self._eval_own}
         return {"x": x}
 
 

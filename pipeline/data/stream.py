@@ -113,6 +113,8 @@ class Collate:
         for key in ("y", "factors"):
             if key in arrays:
                 batch[key] = torch.from_numpy(arrays[key].astype(np.int64))
+        if "real" in arrays:  # evaluation with several ranks: which samples are not padding
+            batch["real"] = torch.from_numpy(arrays["real"].copy())
         return batch
 
 
@@ -202,17 +204,25 @@ class ShardStream(IterableDataset):
         if expected is not None and 0 <= j + 1 < len(expected):
             self._handler(ShardError(f"ended after {j + 1} of the {len(expected)} records the manifest lists", part.url))
 
-    def _slot_chunks(self, parts: list[Part], need: int | None):
-        """The slot's samples in plan order, in chunks; cycled until `need` when the plan asks for more."""
-        produced = 0
+    def _slot_chunks(self, parts: list[Part], need: int | None, fill: list[Part] = (), mark: bool = False):
+        """The slot's samples in plan order, in chunks; cycled until `need` when the plan asks for more.
+        A slot with no samples of its own (a shard smaller than the slots it was cut for) fills its
+        batches from `fill`. `mark`: each chunk says which of its samples are the slot's own
+        ("real": False for the repeats that only keep the ranks in step; evaluation leaves them out)."""
+        produced, own = 0, True
+        if not any(p.count for p in parts) and need:
+            parts, own = list(fill), False
         while True:
             for part in parts:
                 for chunk in self._chunks(part):
+                    if mark:
+                        chunk = {**chunk, "real": np.full(_length(chunk), own)}
                     if need is not None and produced + _length(chunk) >= need:
                         yield _take(chunk, slice(0, need - produced))
                         return
                     yield chunk
                     produced += _length(chunk)
+            own = False  # the next pass repeats
             if need is None or produced == 0:
                 if need and produced == 0:
                     raise ShardError(f"no readable samples in {[p.url for p in parts]}")
@@ -280,7 +290,8 @@ class ShardStream(IterableDataset):
         plan = self._plan_for_epoch(epoch)  # evaluation: every sample once, in shard order
         slot = self.rank * self.workers + worker
         need = None if plan.batches_per_slot is None else plan.batches_per_slot * plan.batch_size
-        chunks = self._slot_chunks(plan.slots[slot], need)
+        fill = next((parts for parts in plan.slots if any(p.count for p in parts)), [])
+        chunks = self._slot_chunks(plan.slots[slot], need, fill, mark=need is not None)
         if self.limit is not None:  # evaluation on the first N samples (one process)
             chunks = _first(chunks, self.limit)
         for index, arrays in enumerate(self._batches(chunks, plan.batch_size)):

@@ -55,6 +55,7 @@ class VAEModule(pl.LightningModule):
         gen = torch.Generator().manual_seed(self.cfg.run.seed)
         self.register_buffer("fixed_z", self.fixed_prior_draws(gen), persistent=False)
         self._val_mu: list[torch.Tensor] = []
+        self._eval_sums: dict[str, tuple] = {}  # stage -> (metric names, sums, samples) this epoch
         self.automatic_optimization = False  # the step engine makes the optimizer steps
         self.engine: StepEngine | None = None  # built at train start, when the optimizer exists
         self._engine_state: dict | None = None  # from a checkpoint, until the engine exists
@@ -118,10 +119,41 @@ class VAEModule(pl.LightningModule):
                                   generator=generator, eps=eps)
 
     def _log_terms(self, stage: str, terms: dict, batch_size: int) -> None:
-        """Validation/test means over the epoch (training steps log through `_log_step`)."""
-        metrics = {f"{stage}/{name}": value.mean() for name, value in terms.items() if name != "loss"}
-        metrics[f"{stage}/loss"] = terms["loss"]
-        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True, prog_bar=False)
+        """Validation/test: add the batch's sums over its own samples to the epoch's (logged as means
+        by `_log_eval_means`). A batch of padding only (batch_size 0) adds zeros."""
+        names = [f"{stage}/{name}" for name in terms if name != "loss"] + [f"{stage}/loss"]
+        dtype = torch.float64 if self.device.type != "mps" else torch.float32
+        if batch_size:
+            values = [v.detach().to(dtype).mean() for name, v in terms.items() if name != "loss"]
+            sums = torch.stack([*values, terms["loss"].detach().to(dtype)]) * batch_size
+        else:
+            sums = torch.zeros(len(names), dtype=dtype, device=self.device)
+        _, before, n = self._eval_sums.get(stage, (names, 0, 0))
+        self._eval_sums[stage] = (names, before + sums, n + batch_size)
+
+    def _log_eval_means(self, stage: str) -> None:
+        """The epoch's means over every rank's own samples: one all-reduce of the sums and the count.
+        (Lightning's sync_dist averages the per-rank counts in the counts' integer type, which
+        truncates when ranks evaluated different numbers of samples.)"""
+        if stage not in self._eval_sums:
+            return
+        names, sums, n = self._eval_sums.pop(stage)
+        total = torch.cat([sums, sums.new_tensor([n])])
+        if self.trainer.world_size > 1:
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        means = total[:-1] / total[-1].clamp_min(1)
+        self.log_dict({name: value.float() for name, value in zip(names, means)}, on_step=False, on_epoch=True)
+
+    @staticmethod
+    def own_samples(batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x to evaluate, mask of the batch's own samples or None). With several ranks, evaluation
+        batches are padded by repeats so that every rank runs the same steps (data/plan.py); the
+        repeats are left out of the metrics. A batch of padding only is evaluated whole (its values
+        then count for nothing: `_log_terms` with batch size 0)."""
+        x, real = batch["x"], batch.get("real")
+        if real is None or bool(real.all()):
+            return x, None
+        return (x[real] if bool(real.any()) else x), real
 
     # --- steps ------------------------------------------------------------------------------------
 
@@ -244,7 +276,7 @@ class VAEModule(pl.LightningModule):
             self._check_divergence()
 
     def _eval_step(self, stage: str, batch, batch_idx):
-        x = batch["x"]
+        x, real = self.own_samples(batch)
         # Evaluation is always reparameterised and at the final beta, so losses compare across epochs.
         gen = self.generator(stage, batch_idx)  # the same draws at every validation: comparable epochs
         terms, mu, logvar = self.objective(x, self.cfg.model.beta, estimator="reparam", generator=gen)
@@ -252,8 +284,16 @@ class VAEModule(pl.LightningModule):
             k = self.cfg.model.eval_k
             with torch.no_grad():
                 terms[f"iwae{k}"] = vae_math.iwae_bound(self.vae.log_weights(x, k, gen))
-        self._log_terms(stage, terms, x.shape[0])
-        self._val_mu.append(mu.detach())
+        own = x.shape[0] if real is None or bool(real.any()) else 0
+        self._log_terms(stage, terms, own)
+        mu = mu.detach()
+        if real is not None:  # whole batches (equal on every rank, for all_gather), padding marked
+            full = mu.new_zeros(real.shape[0], *mu.shape[1:])
+            full[real] = mu[:own]
+            mu = torch.cat([full, real.to(mu.dtype)[:, None]], 1)
+        elif self.trainer.world_size > 1:
+            mu = torch.cat([mu, mu.new_ones(mu.shape[0], 1)], 1)
+        self._val_mu.append(mu)
         if batch_idx == 0 and stage == "val":  # for the image grids: 32 pictures, or up to 512 points
             self.val_examples = x[:32 if x.dim() > 2 else 512].detach()
 
@@ -269,13 +309,16 @@ class VAEModule(pl.LightningModule):
         mu = torch.cat(self._val_mu)
         self._val_mu.clear()
         if self.trainer.world_size > 1:  # active units need the variance over the whole split
-            mu = self.all_gather(mu).flatten(0, 1)
+            mu = self.all_gather(mu).flatten(0, 1)  # last column: 1 for a rank's own sample, 0 for padding
+            mu = mu[mu[:, -1] > 0, :-1]
         self.log(f"{stage}/active_units", float(vae_math.active_units(mu)), on_epoch=True, rank_zero_only=True)
 
     def on_validation_epoch_end(self):
+        self._log_eval_means("val")
         self._log_active_units("val")
 
     def on_test_epoch_end(self):
+        self._log_eval_means("test")
         self._log_active_units("test")
 
     # --- optimisation -----------------------------------------------------------------------------
