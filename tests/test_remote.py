@@ -48,6 +48,9 @@ def test_http_and_pipe_read_the_same_samples_as_local(sprites_root, served):
                                                                         num_workers=2))
     # a brace pattern restricts a split to the shards it names
     assert len(xs(f"{url}/train-{{000000..000001}}.tar")) == 256
+    # ... and its size, from which a run plans its steps per epoch (the other splits stay whole)
+    splits = load_manifest(f"{url}/train-{{000000..000001}}.tar")["splits"]
+    assert splits["train"]["num_samples"] == 256 and splits["val"]["num_samples"] == 128
 
 
 def test_failed_and_truncated_downloads_are_named(served):

@@ -66,6 +66,7 @@ def load_manifest(root: str) -> dict:
             raise ShardError(f"data.root '{root}' names shards the manifest does not list: {sorted(wanted - known)[:5]}")
         for entry in manifest["splits"].values():
             entry["shards"] = [s for s in entry["shards"] if s["name"] in wanted] or entry["shards"]
+            entry["num_samples"] = sum(s["num_samples"] for s in entry["shards"])  # what the steps are planned from
     return manifest
 
 
