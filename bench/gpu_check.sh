@@ -39,6 +39,7 @@ section() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
 section "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 "$PY" -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'lightning', pl.__version__)"
+echo "Slurm variables in the environment: $(env | grep -c '^SLURM_') (a fit under Slurm requeues its job when stopped)"
 
 if [[ $SECTIONS == *" 1 "* ]]; then
   section "1. throughput"

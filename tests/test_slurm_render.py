@@ -2,6 +2,8 @@
 Slurm's time formats, the signal grace against the time limit, a site's own template with shell
 variables, and the job's size reaching every sweep trial."""
 
+import shutil
+
 import pytest
 
 from pipeline.config import ConfigError, load_config
@@ -71,3 +73,18 @@ def test_fit_applies_the_trial_overrides(sprites_root, tmp_path):
             env={"VAEPIPE_TRIAL_OVERRIDES": "trainer.max_steps=3 slurm.requeue=false"})
     written = (run / "config.yaml").read_text()
     assert "max_steps: 3\n" in written and "requeue: false\n" in written
+
+
+def test_requeue_gives_up_when_scontrol_is_missing_or_hangs(tmp_path, monkeypatch, capsys):
+    # A stopped run under Slurm requeues its job; without a reachable controller it must still exit.
+    from pipeline.launch import slurm
+
+    sleep = shutil.which("sleep")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol
+    assert slurm.requeue_self() is False and "requeue of job 42 failed (FileNotFoundError" in capsys.readouterr().out
+    (tmp_path / "scontrol").write_text(f"#!/bin/sh\nexec {sleep} 30\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    monkeypatch.setattr(slurm, "REQUEUE_TIMEOUT_S", 1)
+    assert slurm.requeue_self() is False and "TimeoutExpired" in capsys.readouterr().out

@@ -23,6 +23,7 @@ from pipeline.outputs import write_text
 TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
 SAFE = re.compile(r"^[A-Za-z0-9_.:,=@/+%-]+$")  # what may stand in an #SBATCH line
 # Slurm's time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (minutes and hours may exceed 59 / 23)
+REQUEUE_TIMEOUT_S = 60
 TIME = re.compile(r"^(?:(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
                   r"|(?P<h>\d+):(?P<hm>\d+):(?P<hs>\d+)|(?P<m>\d+)(?::(?P<ms>\d+))?)$")
 
@@ -145,6 +146,10 @@ def requeue_self() -> bool:
     job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ.get("SLURM_JOB_ID")
     if not job:
         return False
-    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    try:  # bounded: a controller that does not answer must not keep a stopped run from exiting
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=REQUEUE_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        print(f"requeue of job {job} failed ({type(err).__name__}: {err}); resubmit it to resume", flush=True)
+        return False
     print(f"requeue of job {job}: {'done' if result.returncode == 0 else result.stderr.strip()}", flush=True)
     return result.returncode == 0
