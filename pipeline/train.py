@@ -145,24 +145,22 @@ def checkpoint_run_id(ckpt_path: str | None) -> str | None:
     return ckpt.get("vaepipe", {}).get("wandb_run_id")
 
 
-def resume_checkpoint(cfg: DictConfig, ckpt_dir: Path, log=print) -> str | None:
+def resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> tuple[str | None, list[Path], str]:
     """run.resume: auto (newest valid checkpoint of the run folder, if any), never, or a path.
-    never and a path leave no checkpoint in the folder that a later auto resume (a requeued job)
-    would prefer to this run's own: never sets all of them aside, a path those of later steps."""
+    Returns (checkpoint or None, the folder's checkpoints this start supersedes, why). never and a
+    path leave no checkpoint in the folder that a later auto resume (a requeued job) would prefer to
+    this run's own: never supersedes all of them, a path those of later steps. They are set aside
+    only once the resume is accepted (`_fit`): a refused one leaves the folder as it was."""
     mode, own = cfg.run.resume, sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
     if mode == "never":
-        if is_primary_process():
-            set_aside(ckpt_dir, own, "run.resume=never starts the run over", log)
-        return None
+        return None, own, "run.resume=never starts the run over"
     if mode != "auto":
         if not Path(mode).is_file():
             raise FileNotFoundError(f"run.resume={mode}: no such checkpoint")
         step = load_checkpoint(mode, mmap=True)["global_step"]  # refused here, before any set-up, if unsafe
-        if is_primary_process():  # the one process that moves files (the others would race it)
-            later = [path for path in own if path.resolve() != Path(mode).resolve() and _step_of(path, step + 1) > step]
-            set_aside(ckpt_dir, later, f"run.resume={mode} (step {step}) branches off", log)
-        return mode
-    return newest_valid_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
+        later = [path for path in own if path.resolve() != Path(mode).resolve() and _step_of(path, step + 1) > step]
+        return mode, later, f"run.resume={mode} (step {step}) branches off"
+    return (newest_valid_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None), [], ""
 
 
 def _step_of(path: Path, unreadable: int) -> int:
@@ -391,12 +389,14 @@ def _fit(cfg: DictConfig) -> dict:
     if is_primary_process():
         for tmp in remove_stale_temporaries(run_dir / "checkpoints"):
             primary_log(f"removed {tmp}: a checkpoint write cut short by a killed process")
-    ckpt_path = resume_checkpoint(cfg, run_dir / "checkpoints", log=primary_log)
+    ckpt_path, superseded, why = resume_checkpoint(cfg, run_dir / "checkpoints")
     if ckpt_path:
         checkpoint = load_checkpoint(ckpt_path, mmap=True)  # tensors not read
         elastic_batch_size(cfg, checkpoint, log=primary_log)
         check_resume_settings(cfg, checkpoint, ckpt_path)
         del checkpoint
+    if is_primary_process():  # the one process that moves files (the others would race it)
+        set_aside(run_dir / "checkpoints", superseded, why, primary_log)
     if is_primary_process():
         # The folder's config is what resumes it (a requeued Slurm job runs `fit -c config.yaml`):
         # run.resume=never or a path was this start's instruction, auto is the next one's.

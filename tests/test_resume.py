@@ -155,6 +155,13 @@ def test_a_new_start_or_an_explicit_resume_sets_superseded_checkpoints_aside(spr
     assert f"resuming from {run_dir / 'checkpoints/last.ckpt'}" in c.stdout
     assert not stale.exists() and f"removed {stale}" in c.stdout
     assert load_checkpoint(run_dir / "checkpoints/last.ckpt")["global_step"] == 4
+    # an explicit older checkpoint that is refused (another learning rate) moves nothing
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    refused = run(["fit", *small, "trainer.max_steps=3", "optim.lr=0.01",
+                   f"run.resume={run_dir / 'checkpoints/step-00000002.ckpt'}"], check=False)
+    assert refused.returncode == 2 and "optim.lr" in refused.stderr, refused.stderr[-2000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+    assert len(list(tmp_path.glob("run/checkpoints.replaced-*"))) == 1
     # an explicit older checkpoint: the later ones are set aside, so the next auto resume continues it
     run(["fit", *small, "trainer.max_steps=3", f"run.resume={run_dir / 'checkpoints/step-00000002.ckpt'}"])
     first, second = sorted(tmp_path.glob("run/checkpoints.replaced-*"))
