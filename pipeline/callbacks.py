@@ -15,7 +15,7 @@ import torch.distributed as dist
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks import Checkpoint, TQDMProgressBar
 
 from pipeline import signals
 from pipeline.checkpoints import load_checkpoint
@@ -76,10 +76,12 @@ class ImageGrids(pl.Callback):
             self._write(trainer, module, "final")
 
 
-class LastCheckpoint(pl.Callback):
+class LastCheckpoint(Checkpoint):
     """The one owner of last.ckpt, always written inside the loop where the saved progress is
     consistent (after a validation, at an epoch's end, at max_steps, and on a signal), so a resume
-    continues at exactly the next batch.
+    continues at exactly the next batch. A `Checkpoint` callback placed after the ModelCheckpoints:
+    Lightning runs checkpoint callbacks last, in their order, so last.ckpt holds the best and
+    periodic checkpoints' tracking as updated at the same hook (not one validation behind).
 
     SIGUSR1 or SIGTERM: all ranks agree on a step, save there and stop. The signal may reach every
     rank (Slurm) or only the process the user launched (a local DDP run): the handler only sets a

@@ -333,12 +333,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path, images: ImageGrids, last: Last
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}-{step}", monitor=cfg.run.monitor, mode="min",
                         save_top_k=cfg.run.save_top_k, save_last=False, auto_insert_metric_name=False),
-        images, last, RankStates(), RunFacts(cfg, run_id), throughput,
+        images, RankStates(), RunFacts(cfg, run_id), throughput,
     ]
     if cfg.run.every_n_train_steps > 0:  # periodic, the newest `keep_last` kept
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:08d}", monitor="step", mode="max",
                                          save_top_k=cfg.run.keep_last, every_n_train_steps=cfg.run.every_n_train_steps,
                                          auto_insert_metric_name=False))
+    callbacks.append(last)  # after the ModelCheckpoints (LastCheckpoint's doc)
     if cfg.trainer.enable_progress_bar:
         callbacks.append(StepProgressBar(lambda: datamodule.steps_per_epoch, refresh_rate=10) if datamodule
                          else TQDMProgressBar(refresh_rate=10))

@@ -129,7 +129,10 @@ def test_truncated_newest_checkpoint_is_skipped(reference, sprites_root, tmp_pat
     run_dir = tmp_path / "run"
     run(args(sprites_root, run_dir), env={"VAEPIPE_FAULT": "17:TERM"}, check=False)
     last = run_dir / "checkpoints/last.ckpt"
-    last.write_bytes(last.read_bytes()[:4096])  # e.g. a file system that lost the tail of the file
+    # the stop at step 20 wrote last.ckpt and the periodic step-20 file; a file system that lost the
+    # tail of both leaves step 15 as the newest good one
+    for path in (last, run_dir / "checkpoints/step-00000020.ckpt"):
+        path.write_bytes(path.read_bytes()[:4096])
     proc = run(args(sprites_root, run_dir))
     assert f"skipping unreadable checkpoint {last}" in proc.stderr
     assert "resuming from" in proc.stdout and "step-00000015.ckpt" in proc.stdout
@@ -175,3 +178,23 @@ def test_a_new_start_or_an_explicit_resume_sets_superseded_checkpoints_aside(spr
     bad = run(["fit", *small, "trainer.max_steps=8"], check=False)
     assert bad.returncode == 2 and "can be read" in bad.stderr and "run.resume=never" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_last_checkpoint_holds_the_best_checkpoint_of_its_own_step(sprites_root, tmp_path):
+    # last.ckpt is written after the ModelCheckpoints at the same hook: its record of the best file
+    # is the file on disk, so a resumed run with save_top_k=1 replaces it (none left orphaned)
+    run_dir = tmp_path / "run"
+    small = [f"data.root={sprites_root}", f"run.dir={run_dir}", "model.arch=mlp", "model.hidden=[16]",
+             "model.latent_dim=2", "model.eval_k=0", "trainer.max_steps=-1", "trainer.limit_train_batches=4",
+             "trainer.steps_per_call=4", "logger.backend=csv", "logger.image_every_n_epochs=0", "run.test=false",
+             "trainer.enable_progress_bar=false", "data.num_workers=0", "run.save_top_k=1"]
+    run(["fit", *small, "trainer.max_epochs=3"])
+    ckpts = run_dir / "checkpoints"
+
+    def tracked():
+        state = load_checkpoint(ckpts / "last.ckpt")["callbacks"]
+        return next(v for k, v in state.items() if k.startswith("ModelCheckpoint") and "val/loss" in k)["best_model_path"]
+
+    assert [str(p) for p in ckpts.glob("best-*.ckpt")] == [tracked()]
+    run(["fit", *small, "trainer.max_epochs=6"])
+    assert [str(p) for p in ckpts.glob("best-*.ckpt")] == [tracked()]
