@@ -227,6 +227,26 @@ def validate(cfg: DictConfig) -> None:
                                      or isinstance(interval, float) and 0 < interval <= 1):
         raise ConfigError(f"bad value for 'trainer.val_check_interval': {interval!r}; steps (an integer >= 1) "
                           "or a fraction of an epoch (0 < f <= 1)")
+    t, o = cfg.trainer, cfg.optim
+    if t.check_val_every_n_epoch is not None and t.check_val_every_n_epoch < 1:
+        raise ConfigError(f"bad value for 'trainer.check_val_every_n_epoch': {t.check_val_every_n_epoch}; it must be "
+                          ">= 1, or null (validation every val_check_interval steps across epochs); "
+                          "trainer.limit_val_batches=0 turns validation off")
+    if t.gradient_clip_val is not None and t.gradient_clip_val < 0:
+        raise ConfigError(f"bad value for 'trainer.gradient_clip_val': {t.gradient_clip_val}; the largest gradient "
+                          "norm must be >= 0 (0 or null: no clipping)")
+    limit = t.limit_train_batches
+    if limit is not None and not (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1
+                                  or isinstance(limit, float) and 0 < limit <= 1):
+        raise ConfigError(f"bad value for 'trainer.limit_train_batches': {limit!r}; steps per epoch (an integer "
+                          ">= 1) or a fraction of the epoch (0 < f <= 1)")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"bad value for 'optim.betas': {list(o.betas)}; Adam's two decay rates, each in [0, 1)")
+    if o.gamma <= 0:
+        raise ConfigError(f"bad value for 'optim.gamma': {o.gamma}; the exponential decay per epoch must be > 0")
+    if o.scheduler == "cosine" and t.max_steps < 0 and (t.max_epochs is None or t.max_epochs < 0):
+        raise ConfigError("optim.scheduler=cosine decays over the run's length: set trainer.max_steps or "
+                          "trainer.max_epochs (both are unlimited now)")
     if cfg.data.shuffle_buffer < 0:
         raise ConfigError(f"bad value for 'data.shuffle_buffer': {cfg.data.shuffle_buffer}; it must be >= 0 "
                           "(0: no shuffle, the split's stored order every epoch)")

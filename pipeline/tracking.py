@@ -8,6 +8,7 @@ checkpoint, so a resumed or requeued job continues the same wandb run on the sam
 
 from __future__ import annotations
 
+import importlib.util
 import netrc
 import os
 import platform
@@ -19,6 +20,7 @@ from urllib.parse import urlparse
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.config import ConfigError
 from pipeline.outputs import write_text
 
 RUN_ID_FILE = "wandb_run_id"
@@ -101,6 +103,10 @@ def build_logger(cfg: DictConfig, run_dir: Path, run_id: str | None = None):
         return CSVLogger(save_dir=str(run_dir), name="logs")  # logs/version_N: one per (re)start
     if backend == "tensorboard":
         from pytorch_lightning.loggers import TensorBoardLogger
+
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            raise ConfigError("logger.backend=tensorboard needs the tensorboard package (pip install tensorboard), "
+                              "which is not installed; logger.backend=csv writes the same metrics without it")
 
         return TensorBoardLogger(save_dir=str(run_dir), name="logs")
     from pytorch_lightning.loggers import WandbLogger

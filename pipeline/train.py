@@ -243,6 +243,9 @@ def planned_world_size(cfg: DictConfig) -> int:
     """Processes the run will have (trainer.devices x trainer.num_nodes), known before the Trainer."""
     devices = cfg.trainer.devices
     gpus = torch.cuda.device_count() if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else 0
+    if str(devices) == "-1" and gpus == 0:
+        raise ConfigError("trainer.devices=-1 means every GPU, and none is visible here: give the number of "
+                          "processes (trainer.devices=2) or 'auto'")
     if isinstance(devices, int):
         n = gpus if devices == -1 else devices
     elif str(devices) in ("auto", "-1"):
@@ -383,6 +386,7 @@ def _fit(cfg: DictConfig) -> dict:
     # saving "pre-optimization state" under manual optimisation does not apply.
     warnings.filterwarnings("ignore", message=".*Using ModelCheckpoint with manual optimization")
     run_dir = Path(cfg.run.dir)
+    planned_world_size(cfg)  # refuses trainer.devices=-1 without a GPU before anything is written
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     ensure_prepared(cfg.data, cfg.run.seed)  # before the run folder: a data error leaves nothing behind
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """End to end through the real command line: prepare -> fit -> eval -> sample, resume, bad input."""
 
 import csv
+import importlib.util
 import json
 
 import pytest
@@ -102,6 +103,15 @@ def test_bad_input_gets_one_clear_line(trained_run, tmp_path):
     other = vaepipe("fit", "-c", run_dir / "config.yaml", f"run.dir={tmp_path / 'o'}", "data.name=mnist", check=False)
     assert other.returncode == 2 and "holds the data set 'sprites', but data.name='mnist'" in other.stderr, other.stderr
     assert not (tmp_path / "o").exists()
+    # all GPUs where there is none: one line, before the run folder (Lightning: a TypeError traceback)
+    allgpus = vaepipe("fit", "-c", run_dir / "config.yaml", f"run.dir={tmp_path / 'a'}", "trainer.devices=-1",
+                      check=False, env={"CUDA_VISIBLE_DEVICES": ""})
+    assert allgpus.returncode == 2 and "trainer.devices=-1 means every GPU" in allgpus.stderr, allgpus.stderr[-2000:]
+    assert not (tmp_path / "a").exists()
+    if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+        tb = vaepipe("fit", "-c", run_dir / "config.yaml", f"run.dir={tmp_path / 't'}", "logger.backend=tensorboard",
+                     check=False)
+        assert tb.returncode == 2 and "needs the tensorboard package" in tb.stderr, tb.stderr[-2000:]
     # a run folder that cannot be one, and a setting Lightning refuses: one line each
     (tmp_path / "afile").write_text("")
     notdir = vaepipe("fit", "-c", run_dir / "config.yaml", f"run.dir={tmp_path / 'afile' / 'run'}", check=False)

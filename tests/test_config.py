@@ -61,11 +61,20 @@ def test_wrong_type_and_bad_values():
     for item, says in [("trainer.num_nodes=0", ">= 1"), ("trainer.log_every_n_steps=0", ">= 1"),
                        ("run.keep_last=-5", ">= 1"), ("run.save_top_k=-3", ">= -1"), ("trainer.devices=0", ">= 1"),
                        ("trainer.val_check_interval=0", "integer >= 1"), ("trainer.val_check_interval=1.5", "0 < f"),
-                       ("optim.lr=-1", ">= 0"), ("run.every_n_train_steps=-1", ">= 0"), ("model.sigma=0", "> 0")]:
+                       ("optim.lr=-1", ">= 0"), ("run.every_n_train_steps=-1", ">= 0"), ("model.sigma=0", "> 0"),
+                       # a ZeroDivisionError in Lightning; gradients flipped (training uphill); Adam's
+                       # IndexError; a negative learning rate every other epoch; silently 1 step per epoch
+                       ("trainer.check_val_every_n_epoch=0", ">= 1"), ("trainer.gradient_clip_val=-1", ">= 0"),
+                       ("optim.betas=[0.9]", "two decay rates"), ("optim.betas=[0.9,1.0]", "in [0, 1)"),
+                       ("optim.gamma=-1", "> 0"), ("trainer.limit_train_batches=0", "integer >= 1"),
+                       ("trainer.limit_train_batches=1.5", "0 < f <= 1"), ("trainer.limit_train_batches=-3", ">= 1")]:
         with pytest.raises(ConfigError, match=rf"'{item.split('=')[0]}'.*{re.escape(says)}"):
             load_config([], [item])
+    with pytest.raises(ConfigError, match="cosine decays over the run's length"):  # an OverflowError later
+        load_config([], ["optim.scheduler=cosine", "trainer.max_steps=-1", "trainer.max_epochs=-1"])
     for item in ("trainer.val_check_interval=0.25", "trainer.val_check_interval=100", "trainer.devices=-1",
-                 "run.save_top_k=-1", "optim.lr=0"):
+                 "run.save_top_k=-1", "optim.lr=0", "trainer.check_val_every_n_epoch=null",
+                 "trainer.gradient_clip_val=0", "trainer.limit_train_batches=0.5", "trainer.limit_train_batches=7"):
         load_config([], [item])  # accepted
     with pytest.raises(ConfigError, match=r"override 'model.hidden=\[1,2': its value is not valid YAML"):
         load_config([], ["model.hidden=[1,2"])
