@@ -29,6 +29,20 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides, e.g. model.beta=4")
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= low (argparse then prints the option and the value)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def _sizes(text: str | None) -> dict | None:
     if not text:
         return None
@@ -107,22 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
     diag = p.add_subparsers(dest="diagnose_command", required=True)
     q = diag.add_parser("gradients", help="per-parameter gradient variance of each estimator on one batch")
     q.add_argument("ckpt", help="checkpoint file or run folder")
-    q.add_argument("--samples", type=int, default=50, help="gradient draws per estimator")
-    q.add_argument("--batch-size", type=int, default=100)
+    q.add_argument("--samples", type=_at_least(2), default=50, help="gradient draws per estimator")
+    q.add_argument("--batch-size", type=_at_least(1), default=100)
     q.add_argument("--split", default="train", choices=("train", "val", "test"))
     q.add_argument("--objective", choices=("elbo", "iwae"), help="default: the model's")
-    q.add_argument("--k", type=int, help="samples per example (default: the model's model.k)")
+    q.add_argument("--k", type=_at_least(1), help="samples per example (default: the model's model.k)")
     q.add_argument("--data-root")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--json", action="store_true", help="one JSON object, per parameter tensor")
     q = diag.add_parser("amortization", help="approximation and amortisation gaps (Concept 11.10), in nats")
     q.add_argument("ckpt", help="checkpoint file or run folder")
-    q.add_argument("--limit", type=int, default=1000, help="first N examples of the split")
+    q.add_argument("--limit", type=_at_least(1), default=1000, help="N examples drawn at random (--seed) from the split")
     q.add_argument("--split", default="test", choices=("train", "val", "test"))
-    q.add_argument("--steps", type=int, default=200, help="Adam steps per example for q_i")
+    q.add_argument("--steps", type=_at_least(0), default=200, help="Adam steps per example for q_i")
     q.add_argument("--lr", type=float, default=1e-2)
-    q.add_argument("--k", type=int, default=1000, help="importance samples for log p(x)")
-    q.add_argument("--batch-size", type=int, default=100)
+    q.add_argument("--k", type=_at_least(1), default=1000, help="importance samples for log p(x)")
+    q.add_argument("--batch-size", type=_at_least(1), default=100)
     q.add_argument("--data-root")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--json", action="store_true")
@@ -132,11 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="ELBO, IWAE bound and importance-sampled -log p(x) on a split")
     p.add_argument("ckpt", help="checkpoint file or run folder")
-    p.add_argument("--k", type=int, default=5000, help="importance samples per example (default 5000)")
+    p.add_argument("--k", type=_at_least(1), default=5000, help="importance samples per example (default 5000)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--limit", type=int, help="only the first N examples")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--chunk", type=int, help="samples per pass (bounds memory; default: 5000/batch on CPU, "
+    p.add_argument("--limit", type=_at_least(1), help="only N examples, drawn at random (--seed) from the split")
+    p.add_argument("--batch-size", type=_at_least(1), default=100)
+    p.add_argument("--chunk", type=_at_least(1), help="samples per pass (bounds memory; default: 5000/batch on CPU, "
                    "500 on GPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the log-weights (default: on from examples x K >= 5 million; ~5-20 s once)")
@@ -148,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="PNG grids of prior samples and reconstructions")
     p.add_argument("ckpt", help="checkpoint file or run folder")
     p.add_argument("--out", required=True, help="samples PNG; reconstructions go to <stem>_recon.png")
-    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--n", type=_at_least(1), default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", help="shards folder for the reconstructions")
     return parser

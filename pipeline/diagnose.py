@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import vae_math
-from pipeline.data.stream import make_loader
+from pipeline.data.stream import make_subset_loader
 from pipeline.evaluate import load_module
 
 ESTIMATOR_SETTINGS = {  # name -> (vae_objective estimator, score_baseline)
@@ -27,7 +27,10 @@ ESTIMATOR_SETTINGS = {  # name -> (vae_objective estimator, score_baseline)
 
 
 def _first_batch(cfg, split: str, batch_size: int, data_root: str | None, seed: int) -> torch.Tensor:
-    loader = make_loader(data_root or cfg.data.root, split, batch_size, binarize=cfg.data.binarize, seed=seed)
+    """One batch of `batch_size` examples drawn at random from the split (not its first: a split
+    stored in label order would give one digit)."""
+    loader = make_subset_loader(data_root or cfg.data.root, split, batch_size, binarize=cfg.data.binarize,
+                                limit=batch_size, seed=seed)
     return next(iter(loader))["x"]
 
 
@@ -106,8 +109,8 @@ def amortization_gap(ckpt, limit: int = 1000, split: str = "test", steps: int = 
         raise ValueError(f"{ckpt}: the amortisation gap optimises one Gaussian q_i per example; this model has "
                          f"{vae.stochastic_layers} stochastic layers (use `vaepipe eval` for its log p(x) and ELBO)")
     vae.requires_grad_(False)  # only the local variational parameters move
-    loader = make_loader(data_root or cfg.data.root, split, batch_size, binarize=cfg.data.binarize, limit=limit,
-                         seed=seed)
+    loader = make_subset_loader(data_root or cfg.data.root, split, batch_size, binarize=cfg.data.binarize,
+                                limit=limit, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     sums = {"elbo_amortized": 0.0, "elbo_optimized": 0.0, "log_px": 0.0}
     n, t0 = 0, time.time()

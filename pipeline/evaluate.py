@@ -15,7 +15,7 @@ from pipeline import vae_math
 from pipeline.checkpoints import load_checkpoint
 from pipeline.errors import UnsafeCheckpointError
 from pipeline.data.location import load_manifest
-from pipeline.data.stream import make_loader
+from pipeline.data.stream import make_loader, make_subset_loader
 from pipeline.images import is_image_shape, save_grid, side_by_side
 
 
@@ -117,7 +117,8 @@ def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | 
     kernel = log_weight_kernel(vae, compile)
     torch.manual_seed(seed)
     gen = torch.Generator(device=device).manual_seed(seed)
-    loader = make_loader(root, split, batch_size, binarize=cfg.data.binarize, limit=limit, seed=seed, manifest=manifest)
+    loader = make_subset_loader(root, split, batch_size, binarize=cfg.data.binarize, limit=limit, seed=seed,
+                                manifest=manifest)
     k_train = int(cfg.model.k)
     sums = {"elbo": 0.0, "log_px": 0.0, "log_px_sq": 0.0, f"iwae{k_train}": 0.0}
     n, t0 = 0, time.time()
@@ -198,8 +199,8 @@ def evaluate_vq(module, ckpt, split, limit, batch_size, data_root, seed, progres
     model has without a learned prior) the ELBO log p(x|z_q) - h*w*log K (q is deterministic,
     so the KL to the uniform prior is log K per latent position); code usage."""
     cfg, vq = module.cfg, module.vae
-    loader = make_loader(data_root or cfg.data.root, split, batch_size, binarize=cfg.data.binarize, limit=limit,
-                         seed=seed)
+    loader = make_subset_loader(data_root or cfg.data.root, split, batch_size, binarize=cfg.data.binarize,
+                                limit=limit, seed=seed)
     torch.manual_seed(seed)
     recon, n, t0 = 0.0, 0, time.time()
     counts = torch.zeros(cfg.model.codebook_size, device=device)

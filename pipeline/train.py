@@ -395,8 +395,10 @@ def _fit(cfg: DictConfig) -> dict:
         for tmp in remove_stale_temporaries(run_dir / "checkpoints"):
             primary_log(f"removed {tmp}: a checkpoint write cut short by a killed process")
     ckpt_path, superseded, why = resume_checkpoint(cfg, run_dir / "checkpoints")
+    start_step = 0
     if ckpt_path:
         checkpoint = load_checkpoint(ckpt_path, mmap=True)  # tensors not read
+        start_step = checkpoint["global_step"]
         elastic_batch_size(cfg, checkpoint, log=primary_log)
         check_resume_settings(cfg, checkpoint, ckpt_path)
         del checkpoint
@@ -432,6 +434,13 @@ def _fit(cfg: DictConfig) -> dict:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if ckpt_path and trainer.global_step == start_step and not module.diverged and \
+                not any(k.startswith("val/") for k in metrics):
+            # Nothing was left to train (a finished run's command again, or a stop signal that
+            # came at the last step and skipped the final validation): validate the final weights,
+            # so that the summary has the run's metrics rather than none.
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
         if cfg.run.test and not module.diverged and "test" in datamodule.manifest["splits"]:
             trainer.test(module, datamodule=datamodule, verbose=False)  # the final weights: test/* metrics
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})

@@ -8,7 +8,7 @@ import torch
 
 from pipeline.data.shards import ShardError, prepare, read_manifest, sha256_file, verify
 from pipeline.data.sources import load_source
-from pipeline.data.stream import make_loader
+from pipeline.data.stream import make_loader, make_subset_loader
 
 
 def all_batches(root, split="train", batch=64, **kw):
@@ -113,6 +113,31 @@ def test_dynamic_binarisation_redraws_pixels(tmp_path):
     assert abs(first.mean().item() - grey.mean() / 255) < 0.02
     plain = torch.cat([b["x"] for b in all_batches(tmp_path / "s")])
     assert torch.allclose(plain, torch.from_numpy(grey).float() / 255)
+
+
+def test_a_limited_evaluation_reads_a_random_subset_not_the_first_examples(tmp_path):
+    # A test split stored in label order (binarized MNIST's: its first 1000 are ~98 % zeros): the
+    # first N would be one class. Sample i here is the constant image i / 255, so x says its index.
+    ordered = np.repeat(np.arange(200, dtype=np.uint8), 16).reshape(200, 4, 4)
+    np.savez(tmp_path / "ordered.npz", train=ordered, val=ordered[:20], test=ordered)
+    prepare("npz", tmp_path / "s", source=str(tmp_path / "ordered.npz"), shard_samples=64, log=lambda *_: None)
+
+    def indices(limit, seed, batch=7, **kw):
+        batches = list(make_subset_loader(str(tmp_path / "s"), "test", batch, limit=limit, seed=seed, **kw))
+        assert all(len(b["x"]) == batch for b in batches[:-1])  # re-batched to the asked size
+        return [round(v * 255) for b in batches for v in b["x"][:, 0, 0].tolist()]
+
+    picked = indices(30, seed=1)
+    assert len(picked) == len(set(picked)) == 30 and picked == sorted(picked)  # distinct, in stored order
+    assert max(picked) > 100 and picked != list(range(30))  # spread over the split
+    assert indices(30, seed=1, batch=11) == picked and indices(30, seed=2) != picked  # a function of the seed
+    assert indices(None, seed=1) == list(range(200)) == indices(500, seed=1)  # no limit, or above the split
+    # dynamic binarisation: a subset example gets the pixels it gets in the whole split
+    whole = torch.cat([b["x"] for b in make_loader(str(tmp_path / "s"), "test", 7, binarize="dynamic", seed=3)])
+    part = torch.cat([b["x"] for b in make_subset_loader(str(tmp_path / "s"), "test", 7, limit=30, seed=3,
+                                                         binarize="dynamic")])
+    keep = sorted(indices(30, seed=3))
+    assert torch.equal(part, whole[keep])
 
 
 def test_prepare_refuses_to_overwrite_and_force_rebuilds(tmp_path):

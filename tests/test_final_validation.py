@@ -52,6 +52,29 @@ def test_a_signal_stopped_run_does_not_validate(sprites_root, tmp_path):
     assert val_steps(run_dir) == []
 
 
+def test_a_run_with_nothing_left_to_train_keeps_its_summary(sprites_root, tmp_path):
+    # The same command again after a finished run (or a requeue): the summary keeps the run's
+    # metrics (validated again: the same weights and noise), best checkpoint and pictures (it was
+    # rewritten with none of them)
+    run_dir = tmp_path / "run"
+    args = ["fit", f"data.root={sprites_root}", f"run.dir={run_dir}", "trainer.max_steps=12", *RUN,
+            "logger.image_every_n_epochs=1"]
+    vaepipe(*args)
+    first = json.loads((run_dir / "summary.json").read_text())
+    vaepipe(*args)
+    again = json.loads((run_dir / "summary.json").read_text())
+    assert first["metrics"]["val/loss"] > 0 and again["metrics"]["val/loss"] == first["metrics"]["val/loss"]
+    assert again["best_checkpoint"] == first["best_checkpoint"] != "" and again["images"] != []
+    # a stop signal that lands on the last step skips the final validation; the next start does it
+    stopped = tmp_path / "stopped"
+    proc = vaepipe("fit", f"data.root={sprites_root}", f"run.dir={stopped}", "trainer.max_steps=8",
+                   "trainer.steps_per_call=4", *RUN, check=False, env={"VAEPIPE_FAULT": "8:TERM"})
+    assert proc.returncode == 75 and val_steps(stopped) == []
+    vaepipe("fit", f"data.root={sprites_root}", f"run.dir={stopped}", "trainer.max_steps=8",
+            "trainer.steps_per_call=4", *RUN)
+    assert json.loads((stopped / "summary.json").read_text())["metrics"]["val/loss"] > 0
+
+
 def test_sweep_table_says_why_a_metric_is_missing(tmp_path):
     trials = []
     for i, metrics in enumerate([{"val/loss": 3.0}, {"train/loss": 1.0}, {"val/loss": 2.0}]):

@@ -124,7 +124,9 @@ def test_vqvae_trains_under_ddp_with_identical_codebooks(sprites_root, tmp_path)
 
 def test_vqvae_resumes_like_the_vae(sprites_root, tmp_path):
     run = tmp_path / "run"
-    args = ["fit", f"data.root={sprites_root}", f"run.dir={run}", "trainer.max_steps=8", "data.batch_size=16", *TINY_VQ]
+    # 4 steps per call: the stop at step 4 is halfway (with the default the call would end at step 8)
+    args = ["fit", f"data.root={sprites_root}", f"run.dir={run}", "trainer.max_steps=8", "data.batch_size=16",
+            "trainer.steps_per_call=4", *TINY_VQ]
     stopped = vaepipe(*args, env={"VAEPIPE_FAULT": "4:TERM"}, check=False)
     assert stopped.returncode == 75, stopped.stderr[-2000:]
     vaepipe(*args)

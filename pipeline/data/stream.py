@@ -409,3 +409,38 @@ def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False
     loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=persistent,
                         multiprocessing_context=context)
     return loader
+
+
+def make_subset_loader(root: str, split: str, batch_size: int, *, limit: int | None = None, seed: int = 0,
+                       manifest: dict | None = None, **kwargs):
+    """Evaluation batches over a whole split, or over `limit` of its examples drawn uniformly at
+    random without replacement (from `seed`), read in stored order. Not its first `limit`: a split
+    stored in label order (binarized MNIST's test set, whose first 1000 are ~98 % zeros) would give
+    a biased sample. The examples keep the pixels (dynamic binarisation) they get in the whole split."""
+    manifest = manifest or load_manifest(str(root))
+    n = manifest["splits"][split]["num_samples"]
+    loader = make_loader(root, split, batch_size, seed=seed, manifest=manifest, **kwargs)
+    if limit is None or limit >= n:
+        return loader
+    keep = np.zeros(n, dtype=bool)
+    keep[np.random.default_rng(seed).choice(n, size=limit, replace=False)] = True
+    return _selected(loader, torch.from_numpy(keep), batch_size)
+
+
+def _selected(loader, keep: torch.Tensor, batch_size: int):
+    """The rows of the loader's batches whose index in the split is marked in `keep`, re-batched."""
+    pos, pending = 0, []
+    for batch in loader:
+        m = len(batch["x"])
+        mask = keep[pos:pos + m]
+        mask = torch.cat([mask, mask.new_zeros(m - len(mask))]) if len(mask) < m else mask
+        pos += m
+        if mask.any():
+            pending.append({k: v[mask] for k, v in batch.items() if torch.is_tensor(v) and v.dim() and len(v) == m})
+        while pending and sum(len(p["x"]) for p in pending) >= batch_size:
+            joined = {k: torch.cat([p[k] for p in pending]) for k in pending[0]}
+            yield {k: v[:batch_size] for k, v in joined.items()}
+            rest = {k: v[batch_size:] for k, v in joined.items()}
+            pending = [rest] if len(rest["x"]) else []
+    if pending:
+        yield {k: torch.cat([p[k] for p in pending]) for k in pending[0]}
