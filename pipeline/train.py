@@ -205,7 +205,9 @@ def check_resume_settings(cfg: DictConfig, checkpoint: dict, path: str) -> None:
                 f"Train on with another batch size from its weights in a new run: run.init_from={path} "
                 "run.dir=NEW_FOLDER")
     theirs, mine = dict(flat(saved)), dict(flat(now))
-    differ = [k for k in mine if k in theirs and mine[k] != theirs[k] and k.startswith(FIXED_ON_RESUME)
+    fixed = FIXED_ON_RESUME + (("trainer.max_steps", "trainer.max_epochs") if cfg.optim.scheduler == "cosine" else ())
+    # (a cosine schedule decays over the run's length: a longer run would jump back up the curve)
+    differ = [k for k in mine if k in theirs and mine[k] != theirs[k] and k.startswith(fixed)
               and k not in MAY_CHANGE_ON_RESUME]
     if differ:
         raise ResumeError(

@@ -198,3 +198,16 @@ def test_last_checkpoint_holds_the_best_checkpoint_of_its_own_step(sprites_root,
     assert [str(p) for p in ckpts.glob("best-*.ckpt")] == [tracked()]
     run(["fit", *small, "trainer.max_epochs=6"])
     assert [str(p) for p in ckpts.glob("best-*.ckpt")] == [tracked()]
+
+
+def test_a_cosine_schedule_keeps_its_length_on_resume(sprites_root, tmp_path):
+    # The cosine decays over max_steps: resumed with another length, the learning rate would jump
+    # back up the curve. Refused (naming both values); the same length resumes.
+    run_dir = tmp_path / "run"
+    small = [f"data.root={sprites_root}", f"run.dir={run_dir}", "model.arch=mlp", "model.hidden=[8]",
+             "model.latent_dim=2", "model.eval_k=0", "trainer.max_epochs=-1", "trainer.steps_per_call=4",
+             "logger.backend=none", "run.test=false", "trainer.enable_progress_bar=false", "optim.scheduler=cosine"]
+    run(["fit", *small, "trainer.max_steps=8"], env={"VAEPIPE_FAULT": "4:TERM"}, check=False)
+    longer = run(["fit", *small, "trainer.max_steps=16"], check=False)
+    assert longer.returncode == 2 and "trainer.max_steps=8" in longer.stderr and "run.init_from=" in longer.stderr
+    assert "resuming from" in run(["fit", *small, "trainer.max_steps=8"]).stdout
