@@ -47,6 +47,30 @@ def load_module(ckpt: str | Path):
     return module.eval()
 
 
+def check_data_fits(module, root: str, split: str, manifest: dict | None = None) -> dict:
+    """The split's manifest, after checking that its samples have the model's shape: another data
+    set's folder (--data-root) would otherwise fail deep inside the network with a matmul error."""
+    manifest = manifest or load_manifest(root)
+    if split not in manifest["splits"]:
+        raise ValueError(f"data root '{root}' has no split '{split}'")
+    have, want = list(manifest["splits"][split]["shape"]), list(module.hparams["sample_shape"])
+    if have != want:
+        raise ValueError(f"data root '{root}' holds '{manifest.get('name')}' samples of shape {have}; the model was "
+                         f"trained on {module.cfg.data.name!r} samples of shape {want}: point --data-root at its data")
+    return manifest
+
+
+def pick_device(device: str | None) -> torch.device:
+    """--device (default: cuda when available), or a one-line error for a name or GPU not here."""
+    try:
+        chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    if chosen.type == "cuda" and (not torch.cuda.is_available() or (chosen.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {device}: no such CUDA GPU here ({torch.cuda.device_count()} visible)")
+    return chosen
+
+
 MIN_FACTOR_EXAMPLES = 200  # below this the disentanglement metrics are noise: not reported
 
 
@@ -102,18 +126,19 @@ def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | 
     `chunk`: samples per pass (default_chunk); `compile`: torch.compile the log-weights (default:
     when examples x K >= COMPILE_SAMPLES, where the one-off compile time is small beside the
     evaluation)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(device)
     module = load_module(ckpt).to(device)
     cfg, vae = module.cfg, module.vae
+    root = data_root or cfg.data.root
+    manifest = check_data_fits(module, root, split)
     if cfg.model.family == "vqvae":
         return evaluate_vq(module, ckpt, split, limit, batch_size, data_root, seed, progress, device)
     chunk = chunk or default_chunk(batch_size, device)
-    root = data_root or cfg.data.root
-    manifest = load_manifest(root)
     examples = manifest["splits"].get(split, {}).get("num_samples", 0)
     examples = min(examples, limit) if limit else examples
     if compile is None:
         compile = examples * k >= COMPILE_SAMPLES
+    compile = compile and vae.stochastic_layers == 1  # two layers: ancestral sampling, eager (draw below)
     kernel = log_weight_kernel(vae, compile)
     torch.manual_seed(seed)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -227,6 +252,8 @@ def sample(ckpt: str | Path, out: str | Path, n: int = 64, seed: int = 0, split:
     module = load_module(ckpt)
     vae, cfg = module.vae, module.cfg
     out = Path(out)
+    if (Path(data_root or cfg.data.root) / "manifest.json").is_file():  # reconstructions need fitting data
+        check_data_fits(module, data_root or cfg.data.root, split)
     if cfg.model.family == "vqvae":  # uniform code grids and reconstructions, as in training
         x = next(iter(make_loader(data_root or cfg.data.root, split, min(n, 32), binarize=cfg.data.binarize)))["x"]
         module.val_examples = x

@@ -108,6 +108,16 @@ def test_bad_input_gets_one_clear_line(trained_run, tmp_path):
                       check=False, env={"CUDA_VISIBLE_DEVICES": ""})
     assert allgpus.returncode == 2 and "trainer.devices=-1 means every GPU" in allgpus.stderr, allgpus.stderr[-2000:]
     assert not (tmp_path / "a").exists()
+    # another data set's folder for a trained model, and devices that are not here: one line each
+    vaepipe("prepare", "gmm", "--out", tmp_path / "gmm", "--sizes", "train=50,val=10,test=10")
+    for cmd in (["eval", run_dir, "--k", "2"], ["diagnose", "gradients", run_dir, "--samples", "2"],
+                ["sample", run_dir, "--out", tmp_path / "s.png"]):
+        wrong = vaepipe(*cmd, "--data-root", tmp_path / "gmm", check=False)
+        assert wrong.returncode == 2 and "holds 'gmm' samples of shape [2]" in wrong.stderr, wrong.stderr[-2000:]
+    for device, says in (("gpu", "not a device name"), ("cuda:3", "no such CUDA GPU")):
+        bad_device = vaepipe("eval", run_dir, "--k", "2", "--device", device, check=False,
+                             env={"CUDA_VISIBLE_DEVICES": ""})
+        assert bad_device.returncode == 2 and says in bad_device.stderr, bad_device.stderr[-2000:]
     if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
         tb = vaepipe("fit", "-c", run_dir / "config.yaml", f"run.dir={tmp_path / 't'}", "logger.backend=tensorboard",
                      check=False)

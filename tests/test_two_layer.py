@@ -206,9 +206,10 @@ def test_two_layer_through_fit_eval_sample_and_diagnose(sprites_root, tmp_path):
 
     start = torch.logit(pixel_mean(str(sprites_root), load_manifest(sprites_root)).reshape(-1).clamp(0.001, 0.999))
     assert (state["vae.decoder.net.2.bias"] - start).abs().max() <= 0.02 + 1e-6
-    out = vaepipe("eval", ckpt, "--k", "50", "--limit", "64", "--json")
+    out = vaepipe("eval", ckpt, "--k", "50", "--limit", "64", "--json", "--compile")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["examples"] == 64 and math.isfinite(result["nll"])
+    assert result["compiled"] is False  # ancestral sampling through two layers runs eagerly, and says so
     assert result["elbo"] <= result["iwae_bound_k50"] + 1e-3  # L_50 >= its own draws' mean log-weight
     vaepipe("sample", ckpt, "--out", tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 0 and (tmp_path / "s_recon.png").stat().st_size > 0
