@@ -31,16 +31,18 @@ def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) ->
     except (FileNotFoundError, PermissionError):
         raise  # not the file's fault: the caller names the path, or the storage handling reports it
     except pickle.UnpicklingError as err:
-        if "weights_only" not in str(err) and "Weights only" not in str(err):
-            raise _unreadable(path, err) from None  # a damaged file, not a refused one
+        if "weights_only" not in str(err) and "Weights only" not in str(err) or "Unsupported operand" in str(err):
+            # a damaged file, not a refused one; "Unsupported operand": a byte that is no pickle opcode
+            # (a text file, say), which the safe unpickler reports in its refusal message
+            raise _unreadable(path, err) from None
         # torch's message names the offending global, e.g. "Unsupported global: GLOBAL posix.system"
         detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "global" in line), "")
         raise UnsafeCheckpointError(
             f"refused to load {path}: it contains objects vaepipe does not write ({detail[:200] or 'non-tensor data'}); "
             "loading it could run code from the file, so it was not loaded. Use checkpoints written by vaepipe."
         ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
-        raise _unreadable(path, err) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, KeyError, ValueError) as err:
+        raise _unreadable(path, err) from None  # KeyError: some foreign bytes trip the legacy-format reader
 
 
 def _unreadable(path, err: Exception) -> UnreadableCheckpointError:

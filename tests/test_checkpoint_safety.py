@@ -93,3 +93,15 @@ def test_crafted_checkpoint_is_refused_everywhere(runs, sprites_root, tmp_path):
     assert load_checkpoint(folder / "checkpoints/step-00000006.ckpt")["global_step"] == 6
     assert not os.path.exists(tmp_path / "byPath" / "checkpoints" / "last.ckpt")
     assert not os.path.exists(tmp_path / "byInit" / "checkpoints" / "last.ckpt")
+
+
+def test_a_text_file_is_unreadable_not_unsafe(tmp_path):
+    # torch's safe unpickler reports any byte that is no pickle opcode ("Unsupported operand 109",
+    # the 'm' of "model:") in its refusal message: that is a foreign file, not a dangerous one
+    from pipeline.errors import UnreadableCheckpointError
+
+    for text in ("model:\n  k: 1\n", "hello\n"):
+        path = tmp_path / "config.yaml"
+        path.write_text(text)
+        with pytest.raises(UnreadableCheckpointError, match="not a readable vaepipe checkpoint"):
+            load_checkpoint(path)
