@@ -254,12 +254,16 @@ def sample(ckpt: str | Path, out: str | Path, n: int = 64, seed: int = 0, split:
     out = Path(out)
     if (Path(data_root or cfg.data.root) / "manifest.json").is_file():  # reconstructions need fitting data
         check_data_fits(module, data_root or cfg.data.root, split)
-    if cfg.model.family == "vqvae":  # uniform code grids and reconstructions, as in training
-        x = next(iter(make_loader(data_root or cfg.data.root, split, min(n, 32), binarize=cfg.data.binarize)))["x"]
-        module.val_examples = x
-        module.fixed_z = torch.randint(0, cfg.model.codebook_size, (n, *vae.grid),
-                                       generator=torch.Generator().manual_seed(seed))
-        return list(module.write_images(out.parent, out.stem).values())
+    if cfg.model.family == "vqvae":  # uniform code grids, and reconstructions as in training
+        codes = torch.randint(0, cfg.model.codebook_size, (n, *vae.grid), generator=torch.Generator().manual_seed(seed))
+        paths = [save_grid(vae.codes_to_images(codes), out, nrow=8)]
+        try:
+            x = next(iter(make_loader(data_root or cfg.data.root, split, min(n, 32), binarize=cfg.data.binarize)))["x"]
+        except FileNotFoundError as err:
+            print(f"no reconstructions: {err}", file=sys.stderr)
+            return paths
+        paths.append(save_grid(side_by_side(x, vae.reconstruct(x)), out.with_name(f"{out.stem}_recon{out.suffix}"), nrow=8))
+        return paths
     z = torch.randn(n, vae.latent_dim, generator=torch.Generator().manual_seed(seed))
     samples = vae.mean(z)
     if not is_image_shape(vae.input_shape):

@@ -120,6 +120,10 @@ def test_vqvae_trains_under_ddp_with_identical_codebooks(sprites_root, tmp_path)
     assert book.abs().max() > 1 / 32  # moved away from its init (uniform in +-1/K) by the EMA updates
     r = vaepipe("eval", run, "--json").stdout
     assert '"perplexity"' in r and '"nll_recon"' in r
+    # `sample --out` names the files as for the VAE: the samples, and <stem>_recon beside them
+    printed = vaepipe("sample", run, "--out", tmp_path / "pics" / "vq.png").stdout.split()
+    assert printed == [str(tmp_path / "pics" / "vq.png"), str(tmp_path / "pics" / "vq_recon.png")]
+    assert all((tmp_path / "pics" / name).stat().st_size > 0 for name in ("vq.png", "vq_recon.png"))
 
 
 def test_vqvae_resumes_like_the_vae(sprites_root, tmp_path):
