@@ -61,7 +61,7 @@ def resolve_wandb_mode(mode: str) -> tuple[str, str | None]:
     instead of hanging in wandb.init's retries or crashing."""
     if mode == "auto" and os.environ.get("WANDB_MODE"):
         mode = {"dryrun": "offline", "run": "online"}.get(os.environ["WANDB_MODE"], os.environ["WANDB_MODE"])
-        return mode, None
+        return mode, (f"WANDB_MODE={os.environ['WANDB_MODE']} in the environment" if mode == "offline" else None)
     if mode in ("offline", "disabled"):
         return mode, None
     url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")

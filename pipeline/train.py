@@ -296,6 +296,11 @@ def steps_per_call(cfg: DictConfig, steps_per_epoch: int, log=print) -> int:
     int(f x steps)), and periodic checkpoints every N steps (global steps: the epoch's steps too)."""
     want, t = cfg.trainer.steps_per_call, cfg.trainer
     align = []
+    if isinstance(t.val_check_interval, int) and t.check_val_every_n_epoch is not None \
+            and t.val_check_interval > steps_per_epoch:  # Lightning would say it in calls, not steps
+        raise ConfigError(f"trainer.val_check_interval={t.val_check_interval} steps is longer than an epoch "
+                          f"({steps_per_epoch} steps): give at most {steps_per_epoch}, or set "
+                          "trainer.check_val_every_n_epoch=null to count the steps across epochs")
     if isinstance(t.val_check_interval, int):
         align.append(t.val_check_interval)
         if t.check_val_every_n_epoch is None:

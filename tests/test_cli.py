@@ -108,6 +108,11 @@ def test_bad_input_gets_one_clear_line(trained_run, tmp_path):
                       check=False, env={"CUDA_VISIBLE_DEVICES": ""})
     assert allgpus.returncode == 2 and "trainer.devices=-1 means every GPU" in allgpus.stderr, allgpus.stderr[-2000:]
     assert not (tmp_path / "a").exists()
+    # validation every N steps with N longer than an epoch: said in steps (Lightning says it in calls)
+    longer = vaepipe("fit", "-c", run_dir / "config.yaml", f"run.dir={tmp_path / 'v'}", "trainer.val_check_interval=1000",
+                     check=False)
+    assert longer.returncode == 2 and "val_check_interval=1000 steps is longer than an epoch" in longer.stderr, \
+        longer.stderr[-2000:]
     # another data set's folder for a trained model, and devices that are not here: one line each
     vaepipe("prepare", "gmm", "--out", tmp_path / "gmm", "--sizes", "train=50,val=10,test=10")
     for cmd in (["eval", run_dir, "--k", "2"], ["diagnose", "gradients", run_dir, "--samples", "2"],

@@ -44,7 +44,7 @@ def test_mode_resolution(tmp_path, monkeypatch):
     assert resolve_wandb_mode("online")[0] == "offline"  # never hangs in wandb.init without a key
     assert resolve_wandb_mode("disabled") == ("disabled", None)
     monkeypatch.setenv("WANDB_MODE", "dryrun")  # the environment wins over auto, old spelling too
-    assert resolve_wandb_mode("auto") == ("offline", None)
+    assert resolve_wandb_mode("auto") == ("offline", "WANDB_MODE=dryrun in the environment")  # said so
     monkeypatch.delenv("WANDB_MODE")
     # A key but a server that refuses connections: offline within seconds, saying why.
     with socket.socket() as s:
