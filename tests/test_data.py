@@ -103,9 +103,11 @@ def test_dynamic_binarisation_redraws_pixels(tmp_path):
     grey = rng.integers(0, 256, size=(200, 6, 6), dtype=np.uint8)
     np.savez(tmp_path / "grey.npz", train=grey, val=grey[:20], test=grey[:20])
     prepare("npz", tmp_path / "s", source=str(tmp_path / "grey.npz"), log=lambda *_: None)
-    first = torch.cat([b["x"] for b in all_batches(tmp_path / "s", binarize="dynamic", epoch=0)])
-    again = torch.cat([b["x"] for b in all_batches(tmp_path / "s", binarize="dynamic", epoch=0)])
-    second = torch.cat([b["x"] for b in all_batches(tmp_path / "s", binarize="dynamic", epoch=1)])
+    # training batches (the global order; shuffle_buffer=0: the stored order), 192 of the 200 samples
+    train = dict(shuffle=True, shuffle_buffer=0)
+    first = torch.cat([b["x"] for b in all_batches(tmp_path / "s", binarize="dynamic", epoch=0, **train)])
+    again = torch.cat([b["x"] for b in all_batches(tmp_path / "s", binarize="dynamic", epoch=0, **train)])
+    second = torch.cat([b["x"] for b in all_batches(tmp_path / "s", binarize="dynamic", epoch=1, **train)])
     assert set(first.unique().tolist()) == {0.0, 1.0}
     assert torch.equal(first, again)  # a function of (seed, epoch, batch): a resumed run redraws the same
     assert not torch.equal(first, second)  # a new draw every epoch
@@ -113,6 +115,39 @@ def test_dynamic_binarisation_redraws_pixels(tmp_path):
     assert abs(first.mean().item() - grey.mean() / 255) < 0.02
     plain = torch.cat([b["x"] for b in all_batches(tmp_path / "s")])
     assert torch.allclose(plain, torch.from_numpy(grey).float() / 255)
+
+
+def test_evaluation_binarises_each_sample_the_same_whatever_the_batches(tmp_path):
+    # The IWAE paper binarises its test images once: here from (seed, index in the split, pixel),
+    # so batch size, loader workers, ranks and the resident path all give the same test inputs.
+    from pipeline.data.resident import EvalBatches, ResidentSplit, load_split
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, size=(150, 6, 6), dtype=np.uint8)
+    np.savez(tmp_path / "grey.npz", train=grey, val=grey[:20], test=grey)
+    prepare("npz", tmp_path / "s", source=str(tmp_path / "grey.npz"), shard_samples=40, log=lambda *_: None)
+    root = str(tmp_path / "s")
+
+    def by_sample(batch, seed=5, **kw):  # {grey image: its binarisation}; workers and ranks reorder
+        plain, binary = (torch.cat([b["x"] for b in make_loader(root, "test", batch, seed=seed, **kw, **more)])
+                         for more in ({}, {"binarize": "dynamic"}))
+        return {p.numpy().tobytes(): b for p, b in zip(plain, binary)}
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+    ref = by_sample(7)
+    assert len(ref) == 150 and same(ref, by_sample(64))
+    assert same(ref, by_sample(16, num_workers=2, worker_start="fork"))
+    assert same(ref, {**by_sample(8, rank=0, world_size=2), **by_sample(8, rank=1, world_size=2)})
+    assert not same(ref, by_sample(7, seed=6))  # another seed, other pixels
+    manifest = read_manifest(root)
+    data = load_split(root, "test", manifest, torch.device("cpu"))
+    resident = torch.cat([b["x"] for b in EvalBatches(ResidentSplit(data, batch_size=32, scale=manifest["scale"],
+                                                                    binarize="dynamic", seed=5, train=False))])
+    assert torch.equal(torch.stack(list(ref.values())), resident)  # the split's order
+    # E[x] = grey / 255 over 5400 pixels (standard error <= 0.007; allow 0.02)
+    assert set(resident.unique().tolist()) == {0.0, 1.0} and abs(resident.mean().item() - grey.mean() / 255) < 0.02
 
 
 def test_a_limited_evaluation_reads_a_random_subset_not_the_first_examples(tmp_path):

@@ -103,6 +103,28 @@ def rank_slice(step: int, rank: int, batch_size: int, world_size: int) -> tuple[
     return start, start + batch_size
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Wellons' lowbias32) on int64 tensors: well-mixed bits, on any device."""
+    h = h & _M32
+    h = ((h ^ (h >> 16)) * 0x7FEB352D) & _M32
+    h = ((h ^ (h >> 15)) * 0x846CA68B) & _M32
+    return h ^ (h >> 16)
+
+
+def binarize_by_index(x: torch.Tensor, seed: int, index) -> torch.Tensor:
+    """x ~ Bernoulli(x) for evaluation, each sample's uniforms a function of (seed, its index in the
+    split, pixel) alone: a test image gets the same pixels whatever the batch size, loader workers,
+    ranks, resident or streamed path (the IWAE paper binarises its test images once)."""
+    index = torch.as_tensor(index, dtype=torch.int64, device=x.device).reshape(-1, 1)
+    pixel = torch.arange(x[0].numel(), dtype=torch.int64, device=x.device).reshape(1, -1)
+    key = _mix32(index ^ (derived_seed(seed, "binarize-eval") & _M32))
+    u = (_mix32(key * 0x9E3779B1 + _mix32(pixel + 0x632BE5AB)).double() + 0.5) / 2.0**32
+    return (u.to(x.dtype).reshape(x.shape) < x).to(x.dtype)
+
+
 def binarize(x: torch.Tensor, seed: int, epoch: int, step: int, rank: int, world_size: int,
              generator: torch.Generator | None = None) -> torch.Tensor:
     """x ~ Bernoulli(x) for rank `rank`'s slice of global batch `step`: uniforms for the whole

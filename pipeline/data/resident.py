@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-from pipeline.data.order import binarize, derived_seed, epoch_order
+from pipeline.data.order import binarize, binarize_by_index, epoch_order
 from pipeline.data.stream import make_loader
 
 GIB = 1 << 30
@@ -124,9 +124,8 @@ class ResidentSplit:
             x.mul_(self.scale)
         if self.binarize == "dynamic" and self.train:  # this rank's slice of the global batch's draw
             x = binarize(x, self.seed, epoch, index, self.rank, self.world, generator=self._gen)
-        elif self.binarize == "dynamic":
-            self._gen.manual_seed(derived_seed(self.seed, epoch, index, self.rank, "binarize"))
-            x = torch.bernoulli(x, generator=self._gen)
+        elif self.binarize == "dynamic":  # evaluation: by each sample's index, as the streamed loader
+            x = binarize_by_index(x, self.seed, idx)
         elif self.binarize == "threshold":
             x = (x > 0.5).float()
         if not self.train and self.world > 1:  # which samples are this rank's own, not padding

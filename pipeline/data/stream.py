@@ -105,6 +105,8 @@ class Collate:
             x.mul_(self.scale)
         if self.binarize == "dynamic" and position is not None:
             x = global_order.binarize(x, *position)
+        elif self.binarize == "dynamic" and "index" in arrays:  # evaluation: by the samples' indices
+            x = global_order.binarize_by_index(x, seed, torch.from_numpy(arrays["index"]))
         elif self.binarize == "dynamic":
             x = torch.bernoulli(x, generator=torch.Generator().manual_seed(seed))
         elif self.binarize == "threshold":
@@ -134,7 +136,7 @@ class ShardStream(IterableDataset):
     def __init__(self, plan_for, *, rank: int, workers: int, seed: int, epoch: int, decoder: Decoder,
                  collate: Collate, skip: int = 0, on_error: str = "stop",
                  limit: int | None = None, shared_epoch=None, checksums: dict | None = None,
-                 ordered: dict | None = None):
+                 ordered: dict | None = None, offsets: dict | None = None):
         self.plan_for, self.rank, self.workers = plan_for, rank, max(1, workers)
         self.seed = seed
         self.decoder, self.collate, self.on_error, self.limit = decoder, collate, on_error, limit
@@ -143,6 +145,7 @@ class ShardStream(IterableDataset):
         self.plan, self._plan_epoch = plan_for(epoch=epoch), epoch
         self.skipped_shards = 0
         self.checksums = checksums  # shard url -> its records' checksums (None: reads not verified)
+        self.offsets = offsets  # evaluation: shard url -> index in the split of its first sample
         # training: {"urls", "counts", "batch_size", "world_size", "window", "steps"} (see the class doc)
         self.ordered = ordered
 
@@ -196,6 +199,8 @@ class ShardStream(IterableDataset):
                 continue
             chunk = self.decoder(record)
             n = _length(chunk)
+            if self.offsets is not None:  # evaluation: each sample's index in the split (its binarisation)
+                chunk["index"] = np.arange(self.offsets[part.url] + i, self.offsets[part.url] + i + n)
             if part.parts > 1:
                 chunk = _take(chunk, slice((part.part - i) % part.parts, None, part.parts))
             if _length(chunk):
@@ -295,7 +300,7 @@ class ShardStream(IterableDataset):
         if self.limit is not None:  # evaluation on the first N samples (one process)
             chunks = _first(chunks, self.limit)
         for index, arrays in enumerate(self._batches(chunks, plan.batch_size)):
-            out = self.collate(arrays, derived_seed(self.seed, epoch, slot, index))
+            out = self.collate(arrays, self.seed)  # dynamic binarisation: by each sample's index
             if self.on_error == "skip":  # lets the training loop log how many shards were skipped
                 out["shards_skipped"] = torch.tensor(self.skipped_shards)
             yield out
@@ -401,7 +406,8 @@ def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False
                                      workers=workers, seed=seed, shuffle=shuffle, train=train)
     context = worker_context(worker_start) if workers else None
     persistent = persistent and workers > 0
-    stream = ShardStream(plan_for, rank=rank, workers=workers, seed=seed, epoch=epoch,
+    offsets = None if ordered is not None else dict(zip(urls, np.cumsum([0, *counts[:-1]]).tolist()))
+    stream = ShardStream(plan_for, rank=rank, workers=workers, seed=seed, epoch=epoch, offsets=offsets,
                          decoder=Decoder(entry["shape"], entry["dtype"]),
                          collate=Collate(manifest["scale"], binarize, raw), skip=skip, on_error=on_error, limit=limit,
                          shared_epoch=context.Value("q", epoch, lock=False) if persistent else None,
