@@ -65,8 +65,15 @@ if [ -f "$NPZ" ]; then
     data.source="$NPZ" data.root="$WORK/bmnist" run.dir="$RUN" logger.backend=csv trainer.enable_progress_bar=false \
     run.test=false > "$WORK/fit.log" 2>&1 &
   pid=$!
-  for _ in $(seq "$TRAIN_S"); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
-  last() { tail -qn 1 "$RUN"/logs/*/metrics.csv 2>/dev/null | cut -d, -f1 | sort -n | tail -1; }
+  last() {  # the highest step in the CSV logs (its column moves once validation adds "epoch")
+    for f in "$RUN"/logs/*/metrics.csv; do
+      [ -f "$f" ] && awk -F, 'NR==1{for(i=1;i<=NF;i++) if($i=="step") c=i} NR>1 && c{print $c}' "$f"
+    done | sort -n | tail -1
+  }
+  for s in $(seq "$TRAIN_S"); do  # every 30 s: is it training?
+    kill -0 "$pid" 2>/dev/null || break; sleep 1
+    (( s % 30 == 0 )) && echo "  ${s} s: last logged step $(last)"
+  done
   if kill -0 "$pid" 2>/dev/null; then
     echo "SIGUSR1 after $TRAIN_S s (last logged step: $(last))"
     kill -USR1 "$pid"
