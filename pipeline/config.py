@@ -7,6 +7,7 @@ the valid keys of its group (omegaconf's structured configs do the checking).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -176,6 +177,10 @@ def _explain(err: OmegaConfBaseException, schema: DictConfig, origin: str) -> Co
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
         return ConfigError(f"{origin}: unknown config key '{key}'. Valid keys here: {_valid_keys(schema, key)}")
     msg = str(err).splitlines()[0]
+    missing = re.match(r"Interpolation key '([A-Za-z_][A-Za-z0-9_]*)' not found", msg)
+    if missing:  # most often a shell variable in slurm.setup / slurm.env, which OmegaConf reads as its own
+        msg += (f" (a shell variable? write ${missing.group(1)} without braces: ${{...}} is a config interpolation "
+                "such as ${run.dir})")
     return ConfigError(f"{origin}: bad value for '{key}': {msg}")
 
 

@@ -70,6 +70,10 @@ def test_wrong_type_and_bad_values():
                        ("trainer.limit_train_batches=1.5", "0 < f <= 1"), ("trainer.limit_train_batches=-3", ">= 1")]:
         with pytest.raises(ConfigError, match=rf"'{item.split('=')[0]}'.*{re.escape(says)}"):
             load_config([], [item])
+    # a shell variable in braces is read as an interpolation: the error says how to write it
+    with pytest.raises(ConfigError, match=r"slurm.setup\[0\].*write \$SLURM_JOB_ID without braces"):
+        load_config([], ['slurm.setup=["export TMPDIR=/scratch/${SLURM_JOB_ID}"]'])
+    assert load_config([], ['slurm.setup=["cd /scratch/$SLURM_JOB_ID"]']).slurm.setup[0] == "cd /scratch/$SLURM_JOB_ID"
     with pytest.raises(ConfigError, match="cosine decays over the run's length"):  # an OverflowError later
         load_config([], ["optim.scheduler=cosine", "trainer.max_steps=-1", "trainer.max_epochs=-1"])
     for item in ("trainer.val_check_interval=0.25", "trainer.val_check_interval=100", "trainer.devices=-1",
