@@ -295,6 +295,10 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Dict
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{path}: a config file holds a mapping of keys (model:, data:, ...), "
                               f"not a {type(loaded).__name__}")
+        for group, value in loaded.items_ex(resolve=False):
+            if group in schema and isinstance(schema[group], DictConfig) and not isinstance(value, DictConfig):
+                raise ConfigError(f"{path}: '{group}' is a group of keys ({_valid_keys(schema, f'{group}.x')}), "
+                                  f"not a value ({value!r})")
         written = (yaml.load(path.read_text(), Loader=yaml.BaseLoader) or {}).get("slurm")  # every scalar a string
         if isinstance(written, dict) and isinstance(written.get("time"), str):
             loaded.slurm.time = written["time"]  # as written: YAML 1.1 reads 12:00:00 as 43200 (base 60)

@@ -106,6 +106,10 @@ def test_a_broken_yaml_file_is_named_with_its_line(tmp_path):
         load_config([bad])
     with pytest.raises(ConfigError, match=rf"{re.escape(str(listed))}: a config file holds a mapping"):
         load_config([listed])
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("model: 3\n")  # a group given a value: named, with the group's keys
+    with pytest.raises(ConfigError, match=r"scalar.yaml: 'model' is a group of keys \(family, .*not a value \(3\)"):
+        load_config([scalar])
 
 
 def test_cli_config_prints_resolved_yaml_and_fails_clearly():
