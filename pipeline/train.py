@@ -138,13 +138,6 @@ def set_aside(ckpt_dir: Path, paths: list[Path], why: str, log=print) -> None:
     log(f"{why}: {len(paths)} checkpoint(s) of the run folder moved to {dest}")
 
 
-def checkpoint_run_id(ckpt_path: str | None) -> str | None:
-    if not ckpt_path:
-        return None
-    ckpt = load_checkpoint(ckpt_path, mmap=True)
-    return ckpt.get("vaepipe", {}).get("wandb_run_id")
-
-
 def resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> tuple[str | None, list[Path], str]:
     """run.resume: auto (newest valid checkpoint of the run folder, if any), never, or a path.
     Returns (checkpoint or None, the folder's checkpoints this start supersedes, why). never and a
@@ -402,10 +395,10 @@ def _fit(cfg: DictConfig) -> dict:
         for tmp in remove_stale_temporaries(run_dir / "checkpoints"):
             primary_log(f"removed {tmp}: a checkpoint write cut short by a killed process")
     ckpt_path, superseded, why = resume_checkpoint(cfg, run_dir / "checkpoints")
-    start_step = 0
+    start_step, resumed_run_id = 0, None
     if ckpt_path:
         checkpoint = load_checkpoint(ckpt_path, mmap=True)  # tensors not read
-        start_step = checkpoint["global_step"]
+        start_step, resumed_run_id = checkpoint["global_step"], checkpoint.get("vaepipe", {}).get("wandb_run_id")
         elastic_batch_size(cfg, checkpoint, log=primary_log)
         check_resume_settings(cfg, checkpoint, ckpt_path)
         del checkpoint
@@ -431,7 +424,7 @@ def _fit(cfg: DictConfig) -> dict:
         init_weights(module, cfg.run.init_from, log=primary_log)
     run_id = None
     if cfg.logger.backend == "wandb":  # one wandb run per run folder, continued after every restart
-        run_id = wandb_run_id(run_dir, checkpoint_run_id(ckpt_path), write=is_primary_process(),
+        run_id = wandb_run_id(run_dir, resumed_run_id, write=is_primary_process(),
                               new=cfg.run.resume == "never")
     throughput = Throughput()
     trainer = build_trainer(cfg, run_dir, images, preemption, throughput, run_id, datamodule, k)
