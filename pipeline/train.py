@@ -71,8 +71,12 @@ def ensure_prepared(data_cfg, seed: int, log=print, wait_s: float = 3600) -> Non
             f"data.root '{root}' has no {MANIFEST}; data set '{data_cfg.name}' needs its raw files: set "
             f"data.source=PATH (or run `vaepipe prepare {data_cfg.name} --source PATH --out {root}`)")
     log(f"preparing '{data_cfg.name}' shards in {root} ...")
-    prepare(data_cfg.name, root, source=data_cfg.source, seed=seed, shard_bytes=data_cfg.shard_bytes,
-            shard_samples=data_cfg.shard_samples, log=log)
+    try:
+        prepare(data_cfg.name, root, source=data_cfg.source, seed=seed, shard_bytes=data_cfg.shard_bytes,
+                shard_samples=data_cfg.shard_samples, log=log)
+    except FileExistsError:  # another run (a sweep's array task) prepared it while this one waited
+        log(f"'{data_cfg.name}' was prepared in {root} meanwhile by another process; using it")
+        check_prepared(data_cfg, root, log)
 
 
 def check_prepared(data_cfg, root: Path, log=print) -> None:

@@ -220,3 +220,36 @@ def test_missing_manifest_says_how_to_prepare(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"splits": {"train": {}}}))
     with pytest.raises(ValueError, match="no split 'val'"):
         read_manifest(tmp_path)
+
+
+def test_concurrent_prepares_into_one_folder_build_it_once(tmp_path):
+    # The tasks of a Slurm array sweep all start as rank 0 with the same data root: they used to
+    # delete each other's shards mid-write. One builds; the others wait and find it prepared.
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.data.shards import prepare\n"
+            "try:\n    prepare('gmm', sys.argv[1], sizes={'train': 20000, 'val': 100, 'test': 100}, log=lambda *_: None)\n"
+            "    print('built')\nexcept FileExistsError:\n    print('found')\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "d")], stdout=subprocess.PIPE, text=True,
+                              stderr=subprocess.PIPE) for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-800:] for _, err in outs]
+    assert sorted(out.strip() for out, _ in outs) == ["built", "found", "found"]
+    assert verify(tmp_path / "d") == []
+
+
+def test_a_source_that_cannot_give_what_is_asked_is_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "mixed.npz", train=rng.integers(0, 256, (50, 4, 4), dtype=np.uint8),
+             val=rng.random((10, 4, 4), dtype=np.float32), test=rng.random((10, 4, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match="mixed.npz.*different kinds of data.*train: uint8"):
+        load_source("npz", str(tmp_path / "mixed.npz"))  # 0..255 beside 0..1: 255x apart, silently
+    bad = rng.random((50, 4, 4), dtype=np.float32)
+    bad[3, 0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", train=bad, val=bad[:10], test=bad[:10])
+    with pytest.raises(ValueError, match="NaN or infinite values: train"):
+        load_source("npz", str(tmp_path / "nan.npz"))
+    np.savez(tmp_path / "ok.npz", train=bad[4:], val=bad[4:14], test=bad[4:14])
+    with pytest.raises(ValueError, match=r"more samples than the source has: val=500 \(it has 10\)"):
+        load_source("npz", str(tmp_path / "ok.npz"), sizes={"val": 500})

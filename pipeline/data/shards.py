@@ -14,6 +14,7 @@ work is a numpy view (docs/data.md, bench/loader_vs_step.py). Format 1 (one samp
 from __future__ import annotations
 
 import hashlib
+import fcntl
 import json
 import os
 import re
@@ -108,11 +109,21 @@ def prepare(name: str, out: str | Path, source: str | None = None, seed: int = 0
     out = Path(out)
     if (out / MANIFEST).exists() and not force:
         raise FileExistsError(f"{out / MANIFEST} exists: the data set is already prepared (use --force to rebuild)")
+    out.mkdir(parents=True, exist_ok=True)
+    # One writer at a time: the tasks of a Slurm array sweep all start as rank 0 with the same data
+    # root. The others wait here, then find the manifest (FileExistsError: already prepared).
+    with open(out / ".prepare.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / MANIFEST).exists() and not force:
+            raise FileExistsError(f"{out / MANIFEST} exists: the data set is already prepared (use --force to rebuild)")
+        return _prepare_locked(name, out, source, seed, sizes, shard_bytes, shard_samples, log)
+
+
+def _prepare_locked(name, out: Path, source, seed, sizes, shard_bytes, shard_samples, log) -> dict:
     t0 = time.time()
     # The source is read (and checked) before anything is removed: a rebuild with a wrong --source or
     # --sizes fails with the old data set intact.
     data: SourceData = load_source(name, source, seed=seed, sizes=sizes)
-    out.mkdir(parents=True, exist_ok=True)
     # The manifest first (a folder without one is incomplete), then only files named as our shards:
     # other .tar files in the folder are not ours to delete.
     (out / MANIFEST).unlink(missing_ok=True)

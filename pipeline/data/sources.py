@@ -148,6 +148,9 @@ def _cap(splits, sizes, seed):
     if not sizes:
         return splits
     sizes = _sizes({k: len(splits[k].x) for k in SPLITS}, sizes)
+    short = [f"{k}={sizes[k]} (it has {len(splits[k].x)})" for k in SPLITS if sizes[k] > len(splits[k].x)]
+    if short:  # silently fewer samples than asked would look like a smaller data set chosen on purpose
+        raise ValueError(f"--sizes asks for more samples than the source has: {', '.join(short)}")
     for k, rng in _split_rngs(seed).items():
         a = splits[k]
         if sizes[k] < len(a.x):
@@ -162,8 +165,13 @@ def _read_idx(folder, fname, magic):
         path, opener = folder / fname, open
     if not path.exists():
         raise FileNotFoundError(f"mnist: missing idx file {fname}(.gz) in {folder}")
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:  # a truncated or damaged .gz: name the file, not the folder
+        raise ValueError(f"mnist: cannot read {path}: {type(err).__name__}: {err}") from None
+    if len(raw) < 4 + 4 * (magic & 0xFF):
+        raise ValueError(f"mnist: {path} is too short ({len(raw)} bytes) for an idx header")
     if int.from_bytes(raw[:4], "big") != magic:
         raise ValueError(f"mnist: {path} has magic {int.from_bytes(raw[:4], 'big')}, expected {magic}")
     ndim = magic & 0xFF  # low byte of the magic = number of dimensions
@@ -181,6 +189,9 @@ def _load_mnist(folder):
     yte = _read_idx(folder, "t10k-labels-idx1-ubyte", 2049).astype(np.int64)
     if len(xtr) != len(ytr) or len(xte) != len(yte):
         raise ValueError(f"mnist: image/label counts differ in {folder}: {len(xtr)}/{len(ytr)}, {len(xte)}/{len(yte)}")
+    if len(xtr) <= 10000:
+        raise ValueError(f"mnist: {folder} has {len(xtr)} training images; the split takes the last 10000 of "
+                         "them for validation and needs more (the full file has 60000)")
     # IWAE-paper split: the last 10000 training images validate, t10k tests
     return {"train": SplitArrays(xtr[:-10000], ytr[:-10000]), "val": SplitArrays(xtr[-10000:], ytr[-10000:]),
             "test": SplitArrays(xte, yte)}
@@ -213,6 +224,13 @@ def _as_data(splits):
     xs = [splits[k].x for k in SPLITS]
     if any(x.shape[1:] != xs[0].shape[1:] for x in xs):
         raise ValueError(f"splits disagree on sample shape: {[x.shape for x in xs]}")
+    kinds = {k: splits[k].x.dtype.kind for k in SPLITS}
+    if len({"i" if kind in "biu" else kind for kind in kinds.values()}) > 1:  # 0..255 beside 0..1, say
+        raise ValueError("splits have different kinds of data (" + ", ".join(f"{k}: {splits[k].x.dtype}" for k in SPLITS)
+                         + "): store every split as integers 0..255 or every split as floats")
+    if any(x.dtype.kind == "f" and not np.isfinite(x).all() for x in xs):
+        raise ValueError("the data hold NaN or infinite values: " + ", ".join(
+            k for k in SPLITS if splits[k].x.dtype.kind == "f" and not np.isfinite(splits[k].x).all()))
     binary = all(np.isin(x, (0, 1)).all() for x in xs)
     if all(x.dtype.kind in "biu" for x in xs):
         if any(x.size and (x.min() < 0 or x.max() > 255) for x in xs):
