@@ -15,7 +15,7 @@ from pipeline import vae_math
 from pipeline.checkpoints import load_checkpoint
 from pipeline.errors import UnsafeCheckpointError
 from pipeline.data.location import load_manifest
-from pipeline.data.stream import make_loader, make_subset_loader
+from pipeline.data.stream import make_subset_loader
 from pipeline.images import is_image_shape, save_grid, side_by_side
 
 
@@ -247,7 +247,8 @@ def evaluate_vq(module, ckpt, split, limit, batch_size, data_root, seed, progres
 @torch.no_grad()
 def sample(ckpt: str | Path, out: str | Path, n: int = 64, seed: int = 0, split: str = "test",
            data_root: str | None = None) -> list[Path]:
-    """`out`: n prior samples (decoder means); `<stem>_recon<suffix>`: inputs beside reconstructions.
+    """`out`: n prior samples (decoder means); `<stem>_recon<suffix>`: inputs (up to 32, drawn at random
+    from the split: a split stored in label order would show one digit) beside reconstructions.
     Data that are not images (2-D points) are written as .npy arrays instead."""
     module = load_module(ckpt)
     vae, cfg = module.vae, module.cfg
@@ -258,7 +259,8 @@ def sample(ckpt: str | Path, out: str | Path, n: int = 64, seed: int = 0, split:
         codes = torch.randint(0, cfg.model.codebook_size, (n, *vae.grid), generator=torch.Generator().manual_seed(seed))
         paths = [save_grid(vae.codes_to_images(codes), out, nrow=8)]
         try:
-            x = next(iter(make_loader(data_root or cfg.data.root, split, min(n, 32), binarize=cfg.data.binarize)))["x"]
+            x = next(iter(make_subset_loader(data_root or cfg.data.root, split, min(n, 32), limit=min(n, 32), seed=seed,
+                                         binarize=cfg.data.binarize)))["x"]
         except FileNotFoundError as err:
             print(f"no reconstructions: {err}", file=sys.stderr)
             return paths
@@ -273,7 +275,8 @@ def sample(ckpt: str | Path, out: str | Path, n: int = 64, seed: int = 0, split:
         return [path]
     paths = [save_grid(samples, out, nrow=8)]
     try:
-        x = next(iter(make_loader(data_root or cfg.data.root, split, min(n, 32), binarize=cfg.data.binarize)))["x"]
+        x = next(iter(make_subset_loader(data_root or cfg.data.root, split, min(n, 32), limit=min(n, 32), seed=seed,
+                                         binarize=cfg.data.binarize)))["x"]
     except FileNotFoundError as err:
         print(f"no reconstructions: {err}", file=sys.stderr)
         return paths
