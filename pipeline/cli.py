@@ -316,10 +316,10 @@ def main(argv: list[str] | None = None) -> None:
     if extra:
         args.overrides = [*args.overrides, *extra]
     if args.command == "fit":
-        trial = os.environ.pop("VAEPIPE_TRIAL_OVERRIDES", "")
+        trial = shlex.split(os.environ.pop("VAEPIPE_TRIAL_OVERRIDES", ""))
         if trial:  # a sweep trial of a Slurm array: the job's size (pipeline.launch.sweep.submit_array)
-            args.overrides = [*args.overrides, *shlex.split(trial)]
-            sys.argv = [*sys.argv, *shlex.split(trial)]  # and so to the srun relaunch
+            args.overrides = [*args.overrides, *trial]
+            sys.argv = [*sys.argv, *trial]  # and so to the srun relaunch
         relaunch_under_srun()
         signals.install()  # before torch is even imported (see pipeline/signals.py)
     try:

@@ -134,7 +134,7 @@ def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | 
     if cfg.model.family == "vqvae":
         return evaluate_vq(module, ckpt, split, limit, batch_size, data_root, seed, progress, device)
     chunk = chunk or default_chunk(batch_size, device)
-    examples = manifest["splits"].get(split, {}).get("num_samples", 0)
+    examples = manifest["splits"][split]["num_samples"]
     examples = min(examples, limit) if limit else examples
     if compile is None:
         compile = examples * k >= COMPILE_SAMPLES
@@ -252,34 +252,26 @@ def sample(ckpt: str | Path, out: str | Path, n: int = 64, seed: int = 0, split:
     Data that are not images (2-D points) are written as .npy arrays instead."""
     module = load_module(ckpt)
     vae, cfg = module.vae, module.cfg
-    out = Path(out)
-    if (Path(data_root or cfg.data.root) / "manifest.json").is_file():  # reconstructions need fitting data
-        check_data_fits(module, data_root or cfg.data.root, split)
+    out, root = Path(out), data_root or cfg.data.root
+    if (Path(root) / "manifest.json").is_file():  # reconstructions need fitting data
+        check_data_fits(module, root, split)
     if cfg.model.family == "vqvae":  # uniform code grids, and reconstructions as in training
         codes = torch.randint(0, cfg.model.codebook_size, (n, *vae.grid), generator=torch.Generator().manual_seed(seed))
-        paths = [save_grid(vae.codes_to_images(codes), out, nrow=8)]
-        try:
-            x = next(iter(make_subset_loader(data_root or cfg.data.root, split, min(n, 32), limit=min(n, 32), seed=seed,
-                                         binarize=cfg.data.binarize)))["x"]
-        except FileNotFoundError as err:
-            print(f"no reconstructions: {err}", file=sys.stderr)
-            return paths
-        paths.append(save_grid(side_by_side(x, vae.reconstruct(x)), out.with_name(f"{out.stem}_recon{out.suffix}"), nrow=8))
-        return paths
-    z = torch.randn(n, vae.latent_dim, generator=torch.Generator().manual_seed(seed))
-    samples = vae.mean(z)
-    if not is_image_shape(vae.input_shape):
-        path = out.with_suffix(".npy")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, samples.numpy())
-        return [path]
+        samples, reconstruct = vae.codes_to_images(codes), vae.reconstruct
+    else:
+        samples = vae.mean(torch.randn(n, vae.latent_dim, generator=torch.Generator().manual_seed(seed)))
+        reconstruct = lambda x: vae.mean(vae.encode(x)[0])  # noqa: E731 - the encoder's mean, decoded
+        if not is_image_shape(vae.input_shape):
+            path = out.with_suffix(".npy")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, samples.numpy())
+            return [path]
     paths = [save_grid(samples, out, nrow=8)]
     try:
-        x = next(iter(make_subset_loader(data_root or cfg.data.root, split, min(n, 32), limit=min(n, 32), seed=seed,
+        x = next(iter(make_subset_loader(root, split, min(n, 32), limit=min(n, 32), seed=seed,
                                          binarize=cfg.data.binarize)))["x"]
     except FileNotFoundError as err:
         print(f"no reconstructions: {err}", file=sys.stderr)
         return paths
-    mu, _ = vae.encode(x)
-    paths.append(save_grid(side_by_side(x, vae.mean(mu)), out.with_name(f"{out.stem}_recon{out.suffix}"), nrow=8))
+    paths.append(save_grid(side_by_side(x, reconstruct(x)), out.with_name(f"{out.stem}_recon{out.suffix}"), nrow=8))
     return paths

@@ -107,8 +107,6 @@ def prepare(name: str, out: str | Path, source: str | None = None, seed: int = 0
     """Build shards + manifest for data set `name` in `out`. The manifest is written last, so a
     folder with a manifest is complete; an interrupted prepare leaves none and is simply rerun."""
     out = Path(out)
-    if (out / MANIFEST).exists() and not force:
-        raise FileExistsError(f"{out / MANIFEST} exists: the data set is already prepared (use --force to rebuild)")
     out.mkdir(parents=True, exist_ok=True)
     # One writer at a time: the tasks of a Slurm array sweep all start as rank 0 with the same data
     # root. The others wait here, then find the manifest (FileExistsError: already prepared).

@@ -224,8 +224,7 @@ def _as_data(splits):
     xs = [splits[k].x for k in SPLITS]
     if any(x.shape[1:] != xs[0].shape[1:] for x in xs):
         raise ValueError(f"splits disagree on sample shape: {[x.shape for x in xs]}")
-    kinds = {k: splits[k].x.dtype.kind for k in SPLITS}
-    if len({"i" if kind in "biu" else kind for kind in kinds.values()}) > 1:  # 0..255 beside 0..1, say
+    if len({"i" if x.dtype.kind in "biu" else x.dtype.kind for x in xs}) > 1:  # 0..255 beside 0..1, say
         raise ValueError("splits have different kinds of data (" + ", ".join(f"{k}: {splits[k].x.dtype}" for k in SPLITS)
                          + "): store every split as integers 0..255 or every split as floats")
     if any(x.dtype.kind == "f" and not np.isfinite(x).all() for x in xs):

@@ -145,15 +145,16 @@ class VAEModule(pl.LightningModule):
         self.log_dict({name: value.float() for name, value in zip(names, means)}, on_step=False, on_epoch=True)
 
     @staticmethod
-    def own_samples(batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(x to evaluate, mask of the batch's own samples or None). With several ranks, evaluation
-        batches are padded by repeats so that every rank runs the same steps (data/plan.py); the
-        repeats are left out of the metrics. A batch of padding only is evaluated whole (its values
-        then count for nothing: `_log_terms` with batch size 0)."""
+    def own_samples(batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """(x to evaluate, mask of the batch's own samples or None, how many are its own). With
+        several ranks, evaluation batches are padded by repeats so that every rank runs the same
+        steps (data/plan.py); the repeats are left out of the metrics. A batch of padding only is
+        evaluated whole, and its values count for nothing (`_log_terms` with batch size 0)."""
         x, real = batch["x"], batch.get("real")
         if real is None or bool(real.all()):
-            return x, None
-        return (x[real] if bool(real.any()) else x), real
+            return x, None, x.shape[0]
+        own = int(real.sum())
+        return (x[real] if own else x), real, own
 
     # --- steps ------------------------------------------------------------------------------------
 
@@ -276,7 +277,7 @@ class VAEModule(pl.LightningModule):
             self._check_divergence()
 
     def _eval_step(self, stage: str, batch, batch_idx):
-        x, real = self.own_samples(batch)
+        x, real, own = self.own_samples(batch)
         # Evaluation is always reparameterised and at the final beta, so losses compare across epochs.
         gen = self.generator(stage, batch_idx)  # the same draws at every validation: comparable epochs
         terms, mu, logvar = self.objective(x, self.cfg.model.beta, estimator="reparam", generator=gen)
@@ -284,7 +285,6 @@ class VAEModule(pl.LightningModule):
             k = self.cfg.model.eval_k
             with torch.no_grad():
                 terms[f"iwae{k}"] = vae_math.iwae_bound(self.vae.log_weights(x, k, gen))
-        own = x.shape[0] if real is None or bool(real.any()) else 0
         self._log_terms(stage, terms, own)
         mu = mu.detach()
         if real is not None:  # whole batches (equal on every rank, for all_gather), padding marked

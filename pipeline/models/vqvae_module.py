@@ -48,8 +48,8 @@ class VQVAEModule(VAEModule):
         return False  # the EMA codebook update (and its all-reduce) runs inside the step
 
     def _eval_step(self, stage: str, batch, batch_idx):
-        x, real = self.own_samples(batch)
-        self._log_terms(stage, self.vq_terms(x), x.shape[0] if real is None or bool(real.any()) else 0)
+        x, _, own = self.own_samples(batch)
+        self._log_terms(stage, self.vq_terms(x), own)
         if batch_idx == 0 and stage == "val":
             self.val_examples = x[:32].detach()
 
