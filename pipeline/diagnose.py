@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import vae_math
+from pipeline.data.location import data_root_for
 from pipeline.data.stream import make_subset_loader
 from pipeline.evaluate import check_data_fits, load_module
 
@@ -43,7 +44,8 @@ def gradient_variance(ckpt, samples: int = 50, batch_size: int = 100, split: str
     cfg, vae = module.cfg, module.vae
     if cfg.model.family != "vae":
         raise ValueError(f"{ckpt}: gradient estimators apply to the VAE family, not model.family={cfg.model.family}")
-    check_data_fits(module, data_root or cfg.data.root, split)
+    data_root = data_root_for(cfg.data.root, data_root)  # never a command/URL from the checkpoint
+    check_data_fits(module, data_root, split)
     objective, k = objective or cfg.model.objective, k or int(cfg.model.k)
     x = _first_batch(cfg, split, batch_size, data_root, seed)
     if vae.stochastic_layers == 2:  # the score-function and DReG estimators are one-layer only
@@ -108,7 +110,8 @@ def amortization_gap(ckpt, limit: int = 1000, split: str = "test", steps: int = 
     cfg, vae = module.cfg, module.vae
     if cfg.model.family != "vae":
         raise ValueError(f"{ckpt}: the amortisation gap needs an amortised Gaussian encoder (model.family=vae)")
-    check_data_fits(module, data_root or cfg.data.root, split)
+    data_root = data_root_for(cfg.data.root, data_root)  # never a command/URL from the checkpoint
+    check_data_fits(module, data_root, split)
     if vae.stochastic_layers != 1:
         raise ValueError(f"{ckpt}: the amortisation gap optimises one Gaussian q_i per example; this model has "
                          f"{vae.stochastic_layers} stochastic layers (use `vaepipe eval` for its log p(x) and ELBO)")

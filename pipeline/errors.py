@@ -7,6 +7,15 @@ class ShardError(RuntimeError):
     """A shard that cannot be read, named by its path."""
 
 
+class ManifestError(ShardError, ValueError):
+    """A manifest that does not have the schema vaepipe reads (pipeline/data/manifest.py), naming the
+    manifest, the field and the value: nothing of it has been used."""
+
+
+class RunFolderBusy(RuntimeError):
+    """Another process holds the run folder (pipeline/run_lock.py): one writer per run folder."""
+
+
 class ResumeError(RuntimeError):
     """A checkpoint that cannot be resumed exactly as configured."""
 

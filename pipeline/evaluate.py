@@ -13,8 +13,8 @@ from tqdm import tqdm
 
 from pipeline import vae_math
 from pipeline.checkpoints import load_checkpoint
-from pipeline.errors import UnsafeCheckpointError
-from pipeline.data.location import load_manifest
+from pipeline.errors import ShardError, UnsafeCheckpointError
+from pipeline.data.location import data_root_for, load_manifest
 from pipeline.data.stream import make_subset_loader
 from pipeline.images import is_image_shape, save_grid, side_by_side
 
@@ -129,7 +129,7 @@ def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | 
     device = pick_device(device)
     module = load_module(ckpt).to(device)
     cfg, vae = module.cfg, module.vae
-    root = data_root or cfg.data.root
+    root = data_root = data_root_for(cfg.data.root, data_root)  # never a command/URL from the checkpoint
     manifest = check_data_fits(module, root, split)
     if cfg.model.family == "vqvae":
         return evaluate_vq(module, ckpt, split, limit, batch_size, data_root, seed, progress, device)
@@ -252,8 +252,13 @@ def sample(ckpt: str | Path, out: str | Path, n: int = 64, seed: int = 0, split:
     Data that are not images (2-D points) are written as .npy arrays instead."""
     module = load_module(ckpt)
     vae, cfg = module.vae, module.cfg
-    out, root = Path(out), data_root or cfg.data.root
-    if (Path(root) / "manifest.json").is_file():  # reconstructions need fitting data
+    out = Path(out)
+    try:
+        root = data_root_for(cfg.data.root, data_root)  # never a command/URL from the checkpoint
+    except ShardError as err:
+        root = None
+        print(f"no reconstructions: {err}", file=sys.stderr)
+    if root and (Path(root) / "manifest.json").is_file():  # reconstructions need fitting data
         check_data_fits(module, root, split)
     if cfg.model.family == "vqvae":  # uniform code grids, and reconstructions as in training
         codes = torch.randint(0, cfg.model.codebook_size, (n, *vae.grid), generator=torch.Generator().manual_seed(seed))
@@ -267,6 +272,8 @@ def sample(ckpt: str | Path, out: str | Path, n: int = 64, seed: int = 0, split:
             np.save(path, samples.numpy())
             return [path]
     paths = [save_grid(samples, out, nrow=8)]
+    if root is None:
+        return paths
     try:
         x = next(iter(make_subset_loader(root, split, min(n, 32), limit=min(n, 32), seed=seed,
                                          binarize=cfg.data.binarize)))["x"]

@@ -10,13 +10,16 @@ command template. The manifest is read from the same place as the shards.
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import subprocess
 import urllib.request
 from pathlib import Path
 
 from braceexpand import braceexpand
 
-from pipeline.data.shards import MANIFEST, SPLITS, ShardError, read_manifest
+from pipeline.data.manifest import check_manifest, check_shard_name
+from pipeline.data.shards import MANIFEST, MAX_MANIFEST_BYTES, ShardError, read_manifest
 
 
 def is_remote(root: str) -> bool:
@@ -30,17 +33,37 @@ def _base_url(root: str) -> str:
 
 
 def shard_url(root: str, name: str) -> str:
-    """The URL webdataset opens for shard `name` under `root`."""
-    root = str(root)
+    """The URL webdataset opens for shard `name` under `root`. `name` must be a plain file name
+    (data/manifest.py); in a `pipe:` command it is also shell-quoted, and a local path is made
+    absolute, so that no name and no folder (`gs:x`, `pipe:...` relative to the working folder)
+    is taken by webdataset for a URL scheme that runs a program."""
+    root, name = str(root), check_shard_name(name, f"data.root '{root}'")
     if root.startswith("pipe:"):
-        return root.replace("{name}", name)
+        return root.replace("{name}", shlex.quote(name))
     if is_remote(root):
         return f"{_base_url(root)}/{name}"
-    return str(Path(root) / name)
+    return os.path.join(os.path.abspath(root), name)
+
+
+def data_root_for(stored: str, given: str | None, what: str = "--data-root") -> str:
+    """The data root a command reads: the one the user gave (`--data-root`), else the one stored in
+    a checkpoint's config, but only when that is a local folder. A stored `pipe:` command or URL is
+    never used: a checkpoint is data, and running a command (or fetching from a host, with
+    credentials) because a file said so is what a shared file must never do (docs/trust.md)."""
+    if given:
+        return str(given)
+    stored = str(stored)
+    if is_remote(stored):
+        kind = "a shell command" if stored.startswith("pipe:") else "a URL"
+        raise ShardError(f"the checkpoint's data.root is {kind} ({stored[:120]!r}); vaepipe never runs commands or "
+                         f"opens URLs taken from a checkpoint: pass {what} with the data root you trust "
+                         f"(e.g. {what} data/NAME, or the same {kind} if it is yours)")
+    return stored
 
 
 def load_manifest(root: str) -> dict:
-    """The manifest next to the shards, wherever they are; errors name the location."""
+    """The manifest next to the shards, wherever they are, checked against the schema
+    (data/manifest.py); errors name the location."""
     root = str(root)
     if not is_remote(root):
         return read_manifest(root)
@@ -52,13 +75,13 @@ def load_manifest(root: str) -> dict:
             text = subprocess.run(cmd, shell=True, check=True, capture_output=True, timeout=300).stdout
         else:
             with urllib.request.urlopen(f"{_base_url(root)}/{MANIFEST}", timeout=60) as r:
-                text = r.read()
+                text = r.read(MAX_MANIFEST_BYTES + 1)
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise ShardError(f"the manifest of data.root '{root}' is larger than {MAX_MANIFEST_BYTES} bytes")
         manifest = json.loads(text)
-    except (OSError, subprocess.SubprocessError, json.JSONDecodeError) as err:
+    except (OSError, subprocess.SubprocessError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ShardError(f"cannot read the manifest for data.root '{root}': {err}") from None
-    for split in SPLITS:
-        if split not in manifest.get("splits", {}):
-            raise ShardError(f"manifest for '{root}' has no split '{split}'")
+    check_manifest(manifest, f"the manifest of data.root '{root}'")
     if "{" in root and not root.startswith("pipe:"):  # a pattern must name exactly manifest shards
         wanted = {u.rsplit("/", 1)[1] for u in braceexpand(root)}
         known = {s["name"] for e in manifest["splits"].values() for s in e["shards"]}

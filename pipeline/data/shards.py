@@ -26,10 +26,11 @@ import webdataset as wds
 import xxhash
 
 from pipeline.data.sources import SourceData, load_source
-from pipeline.errors import ShardError  # noqa: F401 - re-exported: raised by the loader and location
+from pipeline.data.manifest import SPLITS, check_manifest
+from pipeline.errors import ManifestError, ShardError  # noqa: F401 - re-exported: raised by the loader and location
 
 MANIFEST = "manifest.json"
-SPLITS = ("train", "val", "test")
+MAX_MANIFEST_BYTES = 1 << 30  # a manifest lists ~80 bytes per record: 1 GiB is ~10^9 samples
 FORMAT_VERSION = 2
 SAMPLES_PER_RECORD = 128
 
@@ -145,17 +146,17 @@ def _prepare_locked(name, out: Path, source, seed, sizes, shard_bytes, shard_sam
 
 
 def read_manifest(root: str | Path) -> dict:
+    """The manifest of a local data root, checked against the schema (data/manifest.py)."""
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"no {MANIFEST} in data root '{root}': run `vaepipe prepare NAME --out {root}`")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path}: {path.stat().st_size} bytes, more than a manifest can be ({MAX_MANIFEST_BYTES})")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-    for split in SPLITS:
-        if split not in manifest.get("splits", {}):
-            raise ValueError(f"{path} has no split '{split}'")
-    return manifest
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{path} is not valid JSON: {err}") from None
+    return check_manifest(manifest, str(path))
 
 
 def verify(root: str | Path) -> list[str]:

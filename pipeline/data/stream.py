@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import re
 import signal
+import sys
+import tarfile
 import threading
 import warnings
 
 import numpy as np
 import torch
 import webdataset as wds
+from webdataset.gopen import gopen
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data import order as global_order
@@ -39,9 +43,12 @@ class Decoder:
     format 1's single sample with a text label `y.cls` reads the same way. Samples stay in arrays from
     here to the batch: no Python object per sample (bench/loader_vs_step.py)."""
 
-    def __init__(self, shape, dtype: str):
+    def __init__(self, shape, dtype: str, samples_per_record: int = 1, factors: int = 0):
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
         self.sample_bytes = int(np.prod(self.shape)) * self.dtype.itemsize
+        # the most a record of this manifest can hold (x, y and factors of its samples, and 4 KiB for
+        # a format-1 text label): tar members beyond it are refused before they are read
+        self.max_record_bytes = samples_per_record * (self.sample_bytes + 8 * (1 + max(factors, 64))) + 4096
 
     def __call__(self, record: dict) -> dict:
         try:
@@ -63,6 +70,59 @@ class Decoder:
             raise ShardError(f"record '{record.get('__key__')}' in {record.get('__url__')}: bad contents "
                              f"(expected samples of {self.shape} {self.dtype}): {err}") from None
         return out
+
+
+def tar_records(url: str, handler, max_record_bytes: int):
+    """The records of one shard as dicts {"__key__", "__url__", member suffix: bytes}, grouped by key as
+    webdataset groups them (`base_plus_ext`). Unlike webdataset's reader, every member's declared size
+    is checked before its bytes are read: a crafted or compressed shard cannot make the loader hold
+    more than one record of the manifest's size (a 1.4 MB gzip of an 800 MB member). An error goes
+    to `handler` (the url among its args), which raises or, returning True, skips the rest of the shard."""
+    stream, failed = None, False
+    try:
+        stream = gopen(url)
+        tar, current, held = tarfile.open(fileobj=stream, mode="r|*"), None, 0
+        for info in tar:
+            tar.members = []  # a stream's TarFile keeps every header otherwise
+            if not info.isreg() or META_MEMBER.match(info.name):
+                continue
+            key, suffix = wds.tariterators.base_plus_ext(info.name)
+            if key is None:
+                continue
+            if current is not None and current["__key__"] != key:
+                yield current
+                current, held = None, 0
+            held += info.size
+            if held > max_record_bytes:  # before reading: the declared size is all we have seen
+                raise ShardError(f"record '{key}': member '{info.name}' takes the record to {held} bytes, more than "
+                                 f"the {max_record_bytes} a record of this manifest can hold (crafted or foreign shard)")
+            current = current or {"__key__": key, "__url__": url}
+            if suffix.lower() in current:
+                raise ShardError(f"record '{key}': member '{info.name}' appears twice")
+            current[suffix.lower()] = tar.extractfile(info).read()
+        if current is not None:
+            yield current
+    except Exception as exn:  # noqa: BLE001 - the handler decides: raise (naming the shard) or skip it
+        failed = True
+        exn.args = (*exn.args, url)
+        handler(exn)
+    finally:
+        # a stopped consumer (GeneratorExit) or an error already reported: close quietly
+        _close(stream, None if failed or sys.exc_info()[0] is not None else handler, url)
+
+
+META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped as it skips them
+
+
+def _close(stream, handler, url: str) -> None:
+    if stream is None:
+        return
+    try:
+        stream.close()  # a pipe: command reports its exit status here
+    except Exception as exn:  # noqa: BLE001
+        if handler is not None:
+            exn.args = (*exn.args, url)
+            handler(exn)
 
 
 def _take(chunk: dict, index) -> dict:
@@ -184,7 +244,7 @@ class ShardStream(IterableDataset):
 
     def _chunks(self, part: Part):
         """The part's samples, decoded a record at a time: every `parts`-th sample of the shard (by sample index)."""
-        records = wds.tariterators.tarfile_samples([{"url": part.url}], handler=self._handler)
+        records = tar_records(part.url, self._handler, self.decoder.max_record_bytes)
         expected = self.checksums.get(part.url) if self.checksums is not None else None
         i, j = 0, -1
         for j, record in enumerate(records):
@@ -408,7 +468,8 @@ def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False
     persistent = persistent and workers > 0
     offsets = None if ordered is not None else dict(zip(urls, np.cumsum([0, *counts[:-1]]).tolist()))
     stream = ShardStream(plan_for, rank=rank, workers=workers, seed=seed, epoch=epoch, offsets=offsets,
-                         decoder=Decoder(entry["shape"], entry["dtype"]),
+                         decoder=Decoder(entry["shape"], entry["dtype"], entry.get("samples_per_record", 1),
+                                         len(manifest.get("factor_names") or [])),
                          collate=Collate(manifest["scale"], binarize, raw), skip=skip, on_error=on_error, limit=limit,
                          shared_epoch=context.Value("q", epoch, lock=False) if persistent else None,
                          checksums=checksums, ordered=ordered)
