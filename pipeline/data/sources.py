@@ -7,10 +7,14 @@ File sources: mnist (idx files), binarized-mnist (npz), frey (npy), and a generi
 
 import gzip
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from numpy.lib import format as npy_format
+
+from pipeline.data.arrays import check_declared, load_npy, npz_declared, npz_member, one_line
 
 SPLITS = ("train", "val", "test")
 SOURCE_NAMES = ("sprites", "gmm", "mnist", "binarized-mnist", "frey", "npz")
@@ -197,17 +201,28 @@ def _load_mnist(folder):
             "test": SplitArrays(xte, yte)}
 
 
-def _npz_splits(path, need_keys):
-    with np.load(path) as f:
-        keys = set(f.files)
+def _npz_splits(path, need_keys, name):
+    # read with zipfile + numpy's .npy reader rather than np.load, which picks its reader by the
+    # file's first bytes, not by what was checked here (an .npy with a zip appended is both)
+    with zipfile.ZipFile(path) as zf:
+        keys = {n[:-4] if n.endswith(".npy") else n for n in zf.namelist()}
         if "x" in keys and not need_keys:
-            return {"x": f["x"], "y": f["y"] if "y" in keys else None}
-        val_key = "valid" if "valid" in keys else "val"
-        missing = [k for k in ("train", val_key, "test") if k not in keys]
-        if missing:
-            raise ValueError(f"{path}: missing key(s) {missing} (has {sorted(keys)}); "
-                             f"expected train/val(or valid)/test" + ("" if need_keys else " or x[/y]"))
-        return {"train": f["train"], "val": f[val_key], "test": f["test"]}
+            picked = {"x": "x", **({"y": "y"} if "y" in keys else {})}
+        else:
+            val_key = "valid" if "valid" in keys else "val"
+            missing = [k for k in ("train", val_key, "test") if k not in keys]
+            if missing:
+                raise ValueError(f"{path}: missing key(s) {missing} (has {sorted(keys)}); "
+                                 f"expected train/val(or valid)/test" + ("" if need_keys else " or x[/y]"))
+            picked = {"train": "train", "val": val_key, "test": "test"}
+        check_declared(path, [npz_declared(zf, key, name, path) for key in picked.values()])
+        arrays = {}
+        for split, key in picked.items():
+            with zf.open(npz_member(zf, key)) as member:
+                arrays[split] = npy_format.read_array(member, allow_pickle=False)
+    if "x" in arrays:
+        arrays.setdefault("y", None)
+    return arrays
 
 
 def _permute_split(x, y, n_val, n_test, seed):
@@ -247,7 +262,9 @@ def load_source(name: str, source: str | Path | None = None, seed: int = 0,
     """Load source `name` as SourceData. `source` is the file/folder for file sources;
     `sizes` sets split counts for generated sources and caps them for file sources. A file in
     another format than the source expects (a .npy for an .npz, a truncated archive, text) is one
-    error naming the file, not a traceback from numpy's or gzip's reader."""
+    error naming the file, not a traceback from numpy's or gzip's reader. An .npy/.npz array's header
+    is checked before the array is read: plain numbers only, at most half the available memory
+    (MEMORY_FACTOR), and no more than the file holds; nothing is allocated for a file refused."""
     try:
         return _load_source(name, source, seed, sizes)
     except FileNotFoundError:
@@ -255,10 +272,20 @@ def load_source(name: str, source: str | Path | None = None, seed: int = 0,
     except ValueError as err:  # ours name the file; numpy's (a text or pickle file) do not
         if source is None or str(source) in str(err):
             raise
-        raise ValueError(f"source '{name}': cannot read {source}: {err}") from None
-    except (OSError, EOFError, zipfile.BadZipFile, TypeError, AttributeError, KeyError, IndexError) as err:
+        raise ValueError(f"source '{name}': cannot read {source}: {one_line(err)}") from None
+    except MemoryError as err:  # what the header checks could not foresee (ulimit -v, other processes)
+        raise ValueError(f"source '{name}': out of memory loading {source if source is not None else 'it'} "
+                         f"({one_line(err)})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, TypeError, AttributeError, KeyError, IndexError) as err:
         raise ValueError(f"source '{name}': cannot read {source} as its expected format "
-                         f"({type(err).__name__}: {err}); see docs/data.md for the files each source takes") from None
+                         f"({type(err).__name__}: {one_line(err)}); see docs/data.md for the files each source takes"
+                         ) from None
+
+
+def _expect_frey(path, shape, dtype):
+    # checked on the header: a wrong file is refused before its data are read
+    if len(shape) != 3 or shape[1:] != (28, 20) or dtype != np.uint8:
+        raise ValueError(f"{path}: expected uint8 [N,28,20], got {dtype} {shape}")
 
 
 def _load_source(name: str, source, seed: int, sizes: dict[str, int] | None) -> SourceData:
@@ -271,7 +298,7 @@ def _load_source(name: str, source, seed: int, sizes: dict[str, int] | None) -> 
         return SourceData(_cap(splits, sizes, seed), scale=1.0 / 255, binary=False)
     if name == "binarized-mnist":
         path = _need(source, name, ".npz with train/valid/test")
-        arrays = _npz_splits(path, need_keys=True)
+        arrays = _npz_splits(path, need_keys=True, name=name)
         for k, a in arrays.items():
             if a.ndim != 2 or a.shape[1] != 784 or ((a != 0) & (a != 1)).any():
                 raise ValueError(f"{path}: key {k} must be [N,784] in {{0,1}}, got {a.dtype} {a.shape}")
@@ -279,14 +306,12 @@ def _load_source(name: str, source, seed: int, sizes: dict[str, int] | None) -> 
         return SourceData(_cap(splits, sizes, seed), scale=1.0, binary=True)
     if name == "frey":
         path = _need(source, name, ".npy of shape [1965,28,20]")
-        x = np.load(path)
-        if x.ndim != 3 or x.shape[1:] != (28, 20) or x.dtype != np.uint8:
-            raise ValueError(f"{path}: expected uint8 [N,28,20], got {x.dtype} {x.shape}")
+        x = load_npy(path, name, expect=_expect_frey)
         splits = _permute_split(x, None, 100, 100, seed)
         return SourceData(_cap(splits, sizes, seed), scale=1.0 / 255, binary=False)
     if name == "npz":
         path = _need(source, name, ".npz file")
-        arrays = _npz_splits(path, need_keys=False)
+        arrays = _npz_splits(path, need_keys=False, name=name)
         if "x" in arrays:
             x, y = arrays["x"], arrays["y"]
             if y is not None and y.shape != (len(x),):
