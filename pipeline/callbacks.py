@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +16,51 @@ import torch.distributed as dist
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from pytorch_lightning.callbacks import Checkpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint, TQDMProgressBar
 
 from pipeline import signals
 from pipeline.checkpoints import load_checkpoint
 from pipeline.errors import Preempted
 from pipeline.outputs import atomic_write, tensor_bytes
+
+
+def is_own_checkpoint(path, ckpt_dir) -> bool:
+    """A regular `*.ckpt` file directly in the run's checkpoint folder (links and `..` resolved): the
+    only files vaepipe ever removes or moves there. Paths restored from a checkpoint's callback
+    state are data, and may name anything (`<checkpoints>/../../victim`)."""
+    path = Path(path)
+    try:
+        return (path.suffix == ".ckpt" and not path.is_symlink() and path.is_file()
+                and path.resolve().parent == Path(ckpt_dir).resolve())
+    except OSError:
+        return False
+
+
+class RunModelCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, restoring from a checkpoint only the kept files that are this run
+    folder's own checkpoints (is_own_checkpoint): Lightning later deletes the "worst" kept path with a
+    recursive delete, so a crafted `best_k_models` would otherwise delete any folder on resume."""
+
+    def _generate_state_key(self, **kwargs) -> str:
+        return f"ModelCheckpoint{kwargs!r}"  # Lightning's key: checkpoints of either class resume into the other
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        own = {p: v for p, v in (self.best_k_models or {}).items() if self.dirpath and is_own_checkpoint(p, self.dirpath)}
+        if len(own) != len(self.best_k_models or {}):
+            dropped = [p for p in self.best_k_models if p not in own]
+            warnings.warn(f"ignoring {len(dropped)} kept checkpoint path(s) from the checkpoint's state that are not "
+                          f"files of {self.dirpath} (e.g. {str(dropped[0])[:200]!r})")
+        self.best_k_models = own
+        pick = min if self.mode == "min" else max
+        if self.kth_best_model_path not in own:
+            self.kth_best_model_path = (max if self.mode == "min" else min)(own, key=own.get) if own else ""
+            self.kth_value = own[self.kth_best_model_path] if own else self.kth_value
+        if self.best_model_path and not is_own_checkpoint(self.best_model_path, self.dirpath or ""):
+            self.best_model_path = pick(own, key=own.get) if own else ""
+            self.best_model_score = own[self.best_model_path] if own else None
+        if self.last_model_path and not is_own_checkpoint(self.last_model_path, self.dirpath or ""):
+            self.last_model_path = ""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -34,8 +74,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise FileNotFoundError(f"checkpoint not found: {path}")
         return load_checkpoint(path, map_location=map_location or "cpu")
 
+    def __init__(self, ckpt_dir: str | Path | None = None):
+        super().__init__()
+        self.ckpt_dir = ckpt_dir  # the only folder whose checkpoints remove_checkpoint deletes
+
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         atomic_write(path, lambda f: torch.save(checkpoint, f), "checkpoint", need=tensor_bytes(checkpoint) + 2**16)
+
+    def remove_checkpoint(self, path) -> None:
+        """Lightning's remove is a recursive delete of whatever path it is given; here only a regular
+        `*.ckpt` file of the run's checkpoint folder is removed, anything else is left and said."""
+        if self.ckpt_dir is not None and is_own_checkpoint(path, self.ckpt_dir):
+            Path(path).unlink(missing_ok=True)
+        elif Path(path).exists() or Path(path).is_symlink():
+            warnings.warn(f"not removing {path}: only checkpoint files of {self.ckpt_dir} are ever removed")
 
 
 class ImageGrids(pl.Callback):

@@ -115,6 +115,43 @@ def log_weight_kernel(vae, compile: bool):
 
 
 @torch.no_grad()
+def importance_rate(vae, x: torch.Tensor, seconds: float = 0.25) -> float:
+    """Importance samples per second `vaepipe eval` gets for this model on this machine (eager, its
+    default chunk), measured on `x` for about `seconds` after one warm-up pass."""
+    chunk, kernel = default_chunk(len(x), x.device), log_weight_kernel(vae, False)
+    mu, logvar = vae.encode(x)
+    gen = torch.Generator(device=x.device).manual_seed(0)
+    done, t0 = 0, None
+    while t0 is None or time.perf_counter() - t0 < seconds:
+        if vae.stochastic_layers == 2:
+            lw = vae.log_weights(x, chunk, gen)
+        else:
+            lw = kernel(x, vae_math.reparameterize(mu, logvar, chunk, gen), mu, logvar)
+        float(lw.sum())  # waits for a GPU
+        if t0 is None:
+            t0 = time.perf_counter()  # the first pass warms up
+        else:
+            done += chunk * len(x)
+    return done / (time.perf_counter() - t0)
+
+
+def eval_suggestion(ckpt, module, examples: int, x: torch.Tensor | None, budget_s: float = 600) -> str:
+    """The `vaepipe eval` a user can run next on this machine: the largest K of 5000 (the papers'
+    figure), 1000, 100, 10 that takes at most `budget_s` at the measured rate, with its time."""
+    if module.cfg.model.family == "vqvae" or x is None or examples == 0:
+        return f"vaepipe eval {ckpt}"
+    was = module.training
+    module.eval()
+    rate = importance_rate(module.vae, x[:100])
+    module.train(was)
+    k_train = int(module.cfg.model.k)
+    seconds = {k: examples * (k + k_train) / rate for k in (5000, 1000, 100, 10)}
+    k = next((k for k in seconds if seconds[k] <= budget_s), 10)
+    text = f"vaepipe eval {ckpt} --k {k}   (~{fmt_duration(seconds[k])} here for {examples} test examples"
+    return text + (f"; --k 5000, the papers' figure: ~{fmt_duration(seconds[5000])})" if k != 5000 else ")")
+
+
+@torch.no_grad()
 def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | None = None,
              batch_size: int = 100, chunk: int | None = None, data_root: str | None = None, seed: int = 0,
              progress: bool = True, device: str | None = None, compile: bool | None = None) -> dict:

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import shutil
+import socket
 from pathlib import Path
 from typing import Callable, IO
 
 import torch
 
 from pipeline.errors import WriteFailure
+
+HOST = socket.gethostname().replace("-", "_")  # no '-': it separates the parts of a temporary's name
 
 # errnos that mean "the storage refused the write", not "vaepipe has a bug"
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
@@ -64,14 +68,18 @@ def describe_failure(path: Path, err: OSError, what: str, need: int | None) -> s
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], what: str = "file", *,
-                 need: int | None = None) -> Path:
+                 need: int | None = None, private: bool = False) -> Path:
     """write(f) into a temporary file beside `path`, fsync, rename over `path`. A refused write
-    raises WriteFailure (see the module doc); `need`: the expected size, for the message."""
+    raises WriteFailure (see the module doc); `need`: the expected size, for the message;
+    `private`: readable by the owner only (a file that holds tokens)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # host, pid and a random part: unpredictable, and whose it is stays known (remove_stale_temporaries)
+    tmp = path.with_name(f".{path.name}.tmp-{HOST}-{os.getpid()}-{secrets.token_hex(4)}")
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:  # O_CREAT | O_EXCL: a name planted as a link is refused, never followed
+            if private:
+                os.fchmod(f.fileno(), 0o600)
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -86,15 +94,25 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], what: str
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Temporary files atomic_write left in `folder` when its process was killed (-9) mid-write:
-    those whose writer process is gone are removed (a checkpoint's weighs as much as the checkpoint)."""
+    """Temporary files atomic_write left in `folder` when its process was killed (-9) mid-write
+    (a checkpoint's weighs as much as the checkpoint): removed only when provably dead, i.e.
+    written on this host by a process that no longer exists. A run folder on shared storage may
+    hold a live writer's temporary from another node: its pid means nothing here, so it is kept."""
     removed = []
     for tmp in Path(folder).glob(".*.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        host, pid = _writer_of(tmp.name)
+        if host == HOST and pid is not None and not _alive(pid) and tmp.is_file() and not tmp.is_symlink():
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
+
+
+def _writer_of(name: str) -> tuple[str | None, int | None]:
+    """(host, pid) of a temporary's name `.<file>.tmp-<host>-<pid>-<random>`; (None, None) if other."""
+    parts = name.rsplit(".tmp-", 1)[-1].rsplit("-", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None, None
+    return parts[0], int(parts[1])
 
 
 def _alive(pid: int) -> bool:
@@ -107,6 +125,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_text(path: str | Path, text: str, what: str = "file") -> Path:
+def write_text(path: str | Path, text: str, what: str = "file", private: bool = False) -> Path:
     data = text.encode()
-    return atomic_write(path, lambda f: f.write(data), what, need=len(data))
+    return atomic_write(path, lambda f: f.write(data), what, need=len(data), private=private)

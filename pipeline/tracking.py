@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import ConfigError
 from pipeline.outputs import write_text
+from pipeline.redact import redact, redact_argv
 
 RUN_ID_FILE = "wandb_run_id"
 
@@ -114,12 +115,33 @@ def build_logger(cfg: DictConfig, run_dir: Path, run_id: str | None = None):
     mode, why = resolve_wandb_mode(cfg.logger.mode)
     project = os.environ.get("WANDB_PROJECT") if os.environ.get("WANDB_SWEEP_ID") else None  # the sweep's
     # WandbLogger(offline=True) would set WANDB_MODE for the whole process; mode= says the same per run.
-    logger = WandbLogger(project=project or cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
+    logger = redacted_argv_logger(WandbLogger)(project=project or cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
                          tags=list(cfg.logger.tags) or None, save_dir=str(run_dir), name=cfg.run.name, id=run_id,
-                         mode=mode, resume="allow", config=flatten(OmegaConf.to_container(cfg, resolve=True)))
+                         mode=mode, resume="allow", config=redact(flatten(OmegaConf.to_container(cfg, resolve=True))))
     logger._wandb_init.pop("anonymous", None)  # Lightning always passes it; wandb warns it is obsolete
     logger.vaepipe_offline_reason = why  # RunFacts says it once the run's folder is known
     return logger
+
+
+def redacted_argv_logger(base):
+    """WandbLogger whose run records the command line without tokens: wandb stores sys.argv in
+    every run's metadata, and a token may be on it (`slurm.env.HF_TOKEN=...`, a URL with a
+    password). sys.argv is swapped only while the run starts: Lightning's DDP launcher re-runs it."""
+    from pytorch_lightning.loggers.logger import rank_zero_experiment
+
+    class RedactedArgvWandbLogger(base):
+        @property
+        @rank_zero_experiment
+        def experiment(self):
+            if self._experiment is not None:
+                return self._experiment
+            argv, sys.argv = sys.argv, redact_argv(sys.argv)
+            try:
+                return base.experiment.fget(self)
+            finally:
+                sys.argv = argv
+
+    return RedactedArgvWandbLogger
 
 
 def system_facts(trainer: pl.Trainer) -> dict:
@@ -171,7 +193,7 @@ class RunFacts(pl.Callback):
         self.run_id = run_id
 
     def on_fit_start(self, trainer, module):
-        params = {**self.flat, **system_facts(trainer)}
+        params = redact({**self.flat, **system_facts(trainer)})  # no tokens in a (shared) wandb project
         for logger in trainer.loggers:
             logger.log_hyperparams(params)
         run = wandb_run(trainer)

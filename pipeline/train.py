@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import warnings
@@ -11,13 +12,14 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import TQDMProgressBar
 
-from pipeline.callbacks import AtomicCheckpointIO, ImageGrids, LastCheckpoint, RankStates, StepProgressBar, Throughput
+from pipeline.callbacks import (AtomicCheckpointIO, ImageGrids, LastCheckpoint, RankStates, RunModelCheckpoint,
+                                StepProgressBar, Throughput, is_own_checkpoint)
 from pipeline.checkpoints import load_checkpoint
 from pipeline.config import ConfigError, to_yaml
 from pipeline.data.location import is_remote
-from pipeline.data.shards import MANIFEST, prepare, read_manifest
+from pipeline.data.shards import MANIFEST, foreign_entries, prepare, read_manifest
 from pipeline.data.sources import SOURCE_NAMES
 from pipeline.data.datamodule import ShardDataModule
 from pipeline.data.resident import pixel_mean
@@ -26,6 +28,8 @@ from pipeline.errors import (EXIT_RETRYABLE, Preempted, ResumeError, TrainingDiv
 from pipeline.launch.slurm import requeue_self, under_slurm_batch
 from pipeline.models.vae_module import VAEModule
 from pipeline.outputs import remove_stale_temporaries, storage_error, write_text
+from pipeline.redact import holds_secrets, redact, redact_text
+from pipeline.run_lock import RunFolderLock
 from pipeline.tracking import RunFacts, build_logger, finish_wandb, wandb_run_id
 
 GENERATED = ("sprites", "gmm")  # sources that need no input file
@@ -70,11 +74,20 @@ def ensure_prepared(data_cfg, seed: int, log=print, wait_s: float = 3600) -> Non
         raise FileNotFoundError(
             f"data.root '{root}' has no {MANIFEST}; data set '{data_cfg.name}' needs its raw files: set "
             f"data.source=PATH (or run `vaepipe prepare {data_cfg.name} --source PATH --out {root}`)")
+    others = foreign_entries(root)
+    if others:  # someone's own files (their WebDataset shards, say): never written over unasked
+        raise FileExistsError(
+            f"data.root '{root}' has no {MANIFEST} but holds {len(others)} file(s) vaepipe did not write "
+            f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); vaepipe prepares data automatically "
+            f"only into a new or empty folder. Point data.root at one, or prepare here explicitly with `vaepipe "
+            f"prepare {data_cfg.name} --out {root} --force` (it never overwrites or deletes files it did not write)")
     log(f"preparing '{data_cfg.name}' shards in {root} ...")
     try:
         prepare(data_cfg.name, root, source=data_cfg.source, seed=seed, shard_bytes=data_cfg.shard_bytes,
                 shard_samples=data_cfg.shard_samples, log=log)
     except FileExistsError:  # another run (a sweep's array task) prepared it while this one waited
+        if not (root / MANIFEST).exists():
+            raise  # not prepared meanwhile: files of someone else's appeared (prepare's message says)
         log(f"'{data_cfg.name}' was prepared in {root} meanwhile by another process; using it")
         check_prepared(data_cfg, root, log)
 
@@ -93,7 +106,8 @@ def check_prepared(data_cfg, root: Path, log=print) -> None:
                           f"this folder with `vaepipe prepare {data_cfg.name} --out {root} --force`")
     source = manifest.get("source")
     if data_cfg.source and source and not _same_file(data_cfg.source, source):
-        log(f"note: {root / MANIFEST} was prepared from {source}, not data.source={data_cfg.source}; using the "
+        log(f"note: {root / MANIFEST} was prepared from {redact_text(source)}, not data.source="
+            f"{redact_text(data_cfg.source)}; using the "
             f"prepared shards (`vaepipe prepare {data_cfg.name} --source ... --out {root} --force` rebuilds them)")
 
 
@@ -148,7 +162,8 @@ def resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> tuple[str | None, list
     path leave no checkpoint in the folder that a later auto resume (a requeued job) would prefer to
     this run's own: never supersedes all of them, a path those of later steps. They are set aside
     only once the resume is accepted (`_fit`): a refused one leaves the folder as it was."""
-    mode, own = cfg.run.resume, sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+    mode = cfg.run.resume
+    own = sorted(p for p in ckpt_dir.glob("*.ckpt") if is_own_checkpoint(p, ckpt_dir)) if ckpt_dir.is_dir() else []
     if mode == "never":
         return None, own, "run.resume=never starts the run over"
     if mode != "auto":
@@ -182,7 +197,7 @@ def check_resume_settings(cfg: DictConfig, checkpoint: dict, path: str) -> None:
     saved = (checkpoint.get("hyper_parameters") or {}).get("config")
     if not isinstance(saved, dict):
         return
-    now = OmegaConf.to_container(cfg, resolve=True)
+    now = redact(OmegaConf.to_container(cfg, resolve=True))  # as stored (pipeline/redact.py)
 
     def flat(d, prefix=""):
         for key, value in d.items():
@@ -338,12 +353,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path, images: ImageGrids, last: Last
                   k: int = 1) -> pl.Trainer:
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}-{step}", monitor=cfg.run.monitor, mode="min",
+        RunModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}-{step}", monitor=cfg.run.monitor, mode="min",
                         save_top_k=cfg.run.save_top_k, save_last=False, auto_insert_metric_name=False),
         images, RankStates(), RunFacts(cfg, run_id), throughput,
     ]
     if cfg.run.every_n_train_steps > 0:  # periodic, the newest `keep_last` kept
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:08d}", monitor="step", mode="max",
+        callbacks.append(RunModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:08d}", monitor="step", mode="max",
                                          save_top_k=cfg.run.keep_last, every_n_train_steps=cfg.run.every_n_train_steps,
                                          auto_insert_metric_name=False))
     callbacks.append(last)  # after the ModelCheckpoints (LastCheckpoint's doc)
@@ -351,7 +366,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, images: ImageGrids, last: Last
         callbacks.append(StepProgressBar(lambda: datamodule.steps_per_epoch, refresh_rate=10) if datamodule
                          else TQDMProgressBar(refresh_rate=10))
     logger = build_logger(cfg, run_dir, run_id)  # the learning rate is logged with the step metrics (train/lr)
-    plugins = [AtomicCheckpointIO()]
+    plugins = [AtomicCheckpointIO(ckpt_dir)]
     if under_slurm_batch():
         from lightning_fabric.plugins.environments import SLURMEnvironment
 
@@ -360,6 +375,19 @@ def build_trainer(cfg: DictConfig, run_dir: Path, images: ImageGrids, last: Last
         plugins.append(SLURMEnvironment(auto_requeue=False))
     return pl.Trainer(**trainer_kwargs(cfg, k), default_root_dir=str(run_dir), callbacks=callbacks, logger=logger,
                       plugins=plugins, reload_dataloaders_every_n_epochs=1)  # the same loader, moved on: datamodule
+
+
+class _NoAdvert(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+def quiet_lightning_tips() -> None:
+    """Lightning prints an advertisement for its cloud logger ("Tip: ... litlogger") on every fit."""
+    import lightning_utilities.core.rank_zero as rank_zero
+
+    if not any(isinstance(f, _NoAdvert) for f in rank_zero.log.filters):
+        rank_zero.log.addFilter(_NoAdvert())
 
 
 def fit(cfg: DictConfig) -> dict:
@@ -389,11 +417,22 @@ def _fit(cfg: DictConfig) -> dict:
     # The step engine checkpoints between optimizer steps, never inside one: Lightning's advice about
     # saving "pre-optimization state" under manual optimisation does not apply.
     warnings.filterwarnings("ignore", message=".*Using ModelCheckpoint with manual optimization")
+    # Lightning compares its batches (calls of trainer.steps_per_call steps) with log_every_n_steps,
+    # which vaepipe counts in optimizer steps across epochs (VAEModule._log_step): its warning is wrong here.
+    warnings.filterwarnings("ignore", message=".*is smaller than the logging interval")
+    quiet_lightning_tips()
     run_dir = Path(cfg.run.dir)
     planned_world_size(cfg)  # refuses trainer.devices=-1 without a GPU before anything is written
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     ensure_prepared(cfg.data, cfg.run.seed)  # before the run folder: a data error leaves nothing behind
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not is_primary_process():  # the primary process holds the run folder for every rank
+        return _train(cfg, run_dir, t0)
+    with RunFolderLock(run_dir, "fit"):  # one writer per run folder; refused at once if another holds it
+        return _train(cfg, run_dir, t0)
+
+
+def _train(cfg: DictConfig, run_dir: Path, t0: float) -> dict:
     primary_log = print if is_primary_process() else (lambda *_: None)
     if is_primary_process():
         for tmp in remove_stale_temporaries(run_dir / "checkpoints"):
@@ -413,12 +452,13 @@ def _fit(cfg: DictConfig) -> dict:
         # run.resume=never or a path was this start's instruction, auto is the next one's.
         saved = cfg.copy()
         saved.run.resume = "auto"
-        write_text(run_dir / "config.yaml", to_yaml(saved), "config")
+        write_text(run_dir / "config.yaml", to_yaml(saved), "config", private=holds_secrets(OmegaConf.to_container(saved)))
     datamodule = ShardDataModule(cfg.data, seed=cfg.run.seed, world_size=planned_world_size(cfg), device=planned_device(cfg),
                                  limit_train_batches=cfg.trainer.limit_train_batches, log=primary_log)
     k = steps_per_call(cfg, datamodule.steps_per_epoch, log=primary_log)
     datamodule.set_steps_per_call(k)
-    module = module_class(cfg.model.family)(OmegaConf.to_container(cfg, resolve=True), list(datamodule.sample_shape))
+    # the config stored in every checkpoint, without tokens (pipeline/redact.py): checkpoints travel
+    module = module_class(cfg.model.family)(redact(OmegaConf.to_container(cfg, resolve=True)), list(datamodule.sample_shape))
     images = ImageGrids(run_dir / "images", cfg.logger.image_every_n_epochs)
     preemption = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt")
     if ckpt_path is None and cfg.model.init == "iwae" and cfg.model.family == "vae":
@@ -490,5 +530,10 @@ def _fit(cfg: DictConfig) -> dict:
             print(f"  images:     {p}")
         again = ("run the same command to resume" if cfg.run.resume == "auto" else
                  f"vaepipe fit -c {result['config']} resumes it (run.resume={cfg.run.resume} was this start's)")
-        print(f"  next:       {again if preemption.stopped_at is not None else f'vaepipe eval {ckpt} --k 5000'}")
+        if preemption.stopped_at is None:
+            from pipeline.evaluate import eval_suggestion
+
+            again = eval_suggestion(ckpt, module, datamodule.manifest["splits"]["test"]["num_samples"],
+                                    module.val_examples)
+        print(f"  next:       {again}")
     return result

@@ -12,6 +12,7 @@ import torch
 
 from tests.conftest import ROOT, vaepipe
 from pipeline.checkpoints import load_checkpoint
+from pipeline.outputs import HOST
 
 # 640 samples, batch 32, 2 workers: 20 steps per epoch, so 30 steps cross an epoch boundary.
 STEPS = 30
@@ -152,11 +153,16 @@ def test_a_new_start_or_an_explicit_resume_sets_superseded_checkpoints_aside(spr
     aside = list(tmp_path.glob("run/checkpoints.replaced-*/step-00000006.ckpt"))
     assert len(aside) == 1 and "moved to" in b.stdout and "resuming" not in b.stdout
     assert "resume: auto" in (run_dir / "config.yaml").read_text()  # the folder's config resumes it
-    stale = run_dir / "checkpoints/.last.ckpt.tmp-4194303"  # left by a writer killed -9 (no such pid)
+    stale = run_dir / f"checkpoints/.last.ckpt.tmp-{HOST}-4194303-0a1b2c3d"  # a writer killed -9 here (no such pid)
     stale.write_bytes(b"x" * 1000)
+    # another node's writer on shared storage: its pid says nothing here, so its file is kept
+    elsewhere = run_dir / "checkpoints/.last.ckpt.tmp-other_node-4194303-0a1b2c3d"
+    elsewhere.write_bytes(b"x" * 1000)
     c = run(["fit", "-c", str(run_dir / "config.yaml"), "trainer.max_steps=4"])
     assert f"resuming from {run_dir / 'checkpoints/last.ckpt'}" in c.stdout
     assert not stale.exists() and f"removed {stale}" in c.stdout
+    assert elsewhere.exists() and "other_node" not in c.stdout
+    elsewhere.unlink()
     assert load_checkpoint(run_dir / "checkpoints/last.ckpt")["global_step"] == 4
     # an explicit older checkpoint that is refused (another learning rate) moves nothing
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())

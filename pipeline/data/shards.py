@@ -13,11 +13,14 @@ work is a numpy view (docs/data.md, bench/loader_vs_step.py). Format 1 (one samp
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,10 +58,10 @@ def record_checksum(record: dict) -> str:
 
 
 def write_json_atomic(obj: dict, path: Path) -> None:
-    """Temp file + rename: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Temp file + rename (outputs.atomic_write): a reader sees the old file or the new one, never half of one."""
+    from pipeline.outputs import write_text
+
+    write_text(path, json.dumps(obj, indent=2) + "\n", "manifest")
 
 
 def record_bounds(n: int, per_record: int, shard_samples: int) -> list[tuple[int, int]]:
@@ -103,32 +106,71 @@ def write_split(split: str, arrays, out: Path, shard_bytes: int, shard_samples: 
     }
 
 
+LOCK = ".prepare.lock"
+STAGING = ".vaepipe-staging-"  # prefix of the folder a prepare writes into before moving its files in
+OWN_SHARD = re.compile(rf"({'|'.join(SPLITS)})-\d{{6,}}\.tar")  # the names write_split gives
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """What a data folder holds besides vaepipe's own bookkeeping (its lock, an interrupted
+    prepare's staging folder): any of it means the folder is not vaepipe's to fill unasked."""
+    if not out.is_dir():
+        return []
+    return sorted(e.name for e in out.iterdir() if e.name != LOCK and not e.name.startswith(STAGING))
+
+
 def prepare(name: str, out: str | Path, source: str | None = None, seed: int = 0, sizes: dict | None = None,
             shard_bytes: int = 64_000_000, shard_samples: int = 0, force: bool = False, log=print) -> dict:
-    """Build shards + manifest for data set `name` in `out`. The manifest is written last, so a
-    folder with a manifest is complete; an interrupted prepare leaves none and is simply rerun."""
+    """Build shards + manifest for data set `name` in `out`. The shards are written into a staging
+    folder inside `out` and moved in once all are written, the manifest last: a folder with a
+    manifest is complete, and an interrupted prepare leaves only its staging folder (removed by the
+    next one). Never overwrites or deletes a file vaepipe did not write: a folder without vaepipe's
+    manifest must be empty unless `force`, and `force` removes only the files the old manifest names."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # One writer at a time: the tasks of a Slurm array sweep all start as rank 0 with the same data
     # root. The others wait here, then find the manifest (FileExistsError: already prepared).
-    with open(out / ".prepare.lock", "a") as lock:
+    # O_NOFOLLOW: a lock name planted as a symlink is refused, not followed.
+    try:
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        if err.errno != errno.ELOOP:
+            raise
+        raise FileExistsError(f"{out / LOCK} is a symbolic link, not vaepipe's lock file: refusing to follow it; "
+                              "remove it if it is not yours to keep") from None
+    with os.fdopen(fd, "r+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (out / MANIFEST).exists() and not force:
+        old = read_manifest(out) if (out / MANIFEST).exists() else None
+        if old is not None and not force:
             raise FileExistsError(f"{out / MANIFEST} exists: the data set is already prepared (use --force to rebuild)")
-        return _prepare_locked(name, out, source, seed, sizes, shard_bytes, shard_samples, log)
+        ours = {s["name"] for e in (old or {"splits": {}})["splits"].values() for s in e["shards"]}
+        others = [n for n in foreign_entries(out) if n != MANIFEST and n not in ours]
+        if others and not force:
+            raise FileExistsError(
+                f"{out} holds {len(others)} file(s) vaepipe did not write ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}) and no {MANIFEST}: vaepipe prepares only into a new or empty "
+                f"folder. Choose another folder, or write beside them with `vaepipe prepare {name} --out {out} --force` "
+                "(it never overwrites or deletes files it did not write)")
+        clash = [n for n in others if OWN_SHARD.fullmatch(n)]
+        if clash:
+            raise FileExistsError(f"{out} holds {', '.join(clash[:3])}{', ...' if len(clash) > 3 else ''}, which vaepipe "
+                                  "did not write and would overwrite with its own shards of that name: move them or "
+                                  "prepare into another folder")
+        return _prepare_locked(name, out, source, seed, sizes, shard_bytes, shard_samples, ours, log)
 
 
-def _prepare_locked(name, out: Path, source, seed, sizes, shard_bytes, shard_samples, log) -> dict:
+def _prepare_locked(name, out: Path, source, seed, sizes, shard_bytes, shard_samples, ours: set, log) -> dict:
     t0 = time.time()
+    for stale in out.glob(STAGING + "*"):  # an interrupted prepare's: only our shard names inside
+        for f in stale.iterdir():
+            if OWN_SHARD.fullmatch(f.name) and f.is_file() and not f.is_symlink():
+                f.unlink()
+        with contextlib.suppress(OSError):
+            stale.rmdir()
     # The source is read (and checked) before anything is removed: a rebuild with a wrong --source or
     # --sizes fails with the old data set intact.
     data: SourceData = load_source(name, source, seed=seed, sizes=sizes)
-    # The manifest first (a folder without one is incomplete), then only files named as our shards:
-    # other .tar files in the folder are not ours to delete.
-    (out / MANIFEST).unlink(missing_ok=True)
-    for old in out.glob("*.tar"):
-        if re.fullmatch(rf"({'|'.join(SPLITS)})-\d{{6,}}\.tar", old.name):
-            old.unlink()
+    staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))  # new, 0700: nothing planted inside
     manifest = {
         "format_version": FORMAT_VERSION, "name": name, "source": source, "seed": seed,
         "scale": data.scale, "binary": data.binary,
@@ -136,10 +178,18 @@ def _prepare_locked(name, out: Path, source, seed, sizes, shard_bytes, shard_sam
         "splits": {},
     }
     for split in SPLITS:
-        entry = write_split(split, data.splits[split], out, shard_bytes, shard_samples)
+        entry = write_split(split, data.splits[split], staging, shard_bytes, shard_samples)
         manifest["splits"][split] = entry
         log(f"  {split:5s}: {entry['num_samples']:7d} samples of shape {tuple(entry['shape'])} {entry['dtype']} "
             f"in {len(entry['shards'])} shard(s)")
+    # The manifest goes first (a folder without one is incomplete), then only the files the old
+    # manifest named (plain names, data/manifest.py), then the new shards move in.
+    (out / MANIFEST).unlink(missing_ok=True)
+    for old in ours:
+        (out / old).unlink(missing_ok=True)
+    for f in staging.iterdir():
+        os.replace(f, out / f.name)  # a rename: replaces a name, never writes through a link
+    staging.rmdir()
     write_json_atomic(manifest, out / MANIFEST)
     log(f"prepared '{name}' in {out} ({time.time() - t0:.1f} s)")
     return manifest

@@ -15,10 +15,12 @@ import sys
 from pathlib import Path
 from string import Template
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import ConfigError, to_yaml
 from pipeline.outputs import write_text
+from pipeline.redact import holds_secrets
+from pipeline.run_lock import RunFolderLock
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
 SAFE = re.compile(r"^[A-Za-z0-9_.:,=@/+%-]+$")  # what may stand in an #SBATCH line
@@ -114,16 +116,17 @@ def submit(cfg: DictConfig, *, dry_run: bool = False, **options) -> tuple[Path, 
     text = render(cfg, config_path=config_path, **options)
     if dry_run:
         return run_dir / "job.sbatch", text
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(config_path, to_yaml(cfg), "config")  # atomically: a requeued job reads it
-    return submit_script(run_dir, "job.sbatch", text)
+    # refused while a fit holds the folder (one writer per run folder); held while writing and submitting
+    with RunFolderLock(run_dir, "submit"):
+        private = holds_secrets(OmegaConf.to_container(cfg))  # slurm.env tokens: owner-only files
+        write_text(config_path, to_yaml(cfg), "config", private=private)  # atomically: a requeued job reads it
+        return submit_script(run_dir, "job.sbatch", text, private=private)
 
 
-def submit_script(folder: Path, name: str, text: str) -> tuple[Path, str]:
+def submit_script(folder: Path, name: str, text: str, private: bool = False) -> tuple[Path, str]:
     """Write the script into `folder` and sbatch it; (script path, job id)."""
     folder.mkdir(parents=True, exist_ok=True)
-    script = folder / name
-    script.write_text(text)
+    script = write_text(folder / name, text, "job script", private=private)  # atomically, never through a link
     try:
         out = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=True)
     except FileNotFoundError:
