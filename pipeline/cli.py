@@ -11,8 +11,8 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, load_config, to_yaml
 from pipeline import signals
-from pipeline.errors import (EXIT_RETRYABLE, ResumeError, ShardError, TrainingDiverged, UnsafeCheckpointError,
-                             WriteFailure)
+from pipeline.errors import (EXIT_RETRYABLE, ResumeError, RunFolderBusy, ShardError, TrainingDiverged,
+                             UnsafeCheckpointError, WriteFailure)
 from pipeline.data.sources import SOURCE_NAMES
 
 EXAMPLES = """examples:
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", type=_sizes, help="split sizes for generated sources, e.g. train=1000,val=100,test=100")
     p.add_argument("--shard-bytes", type=int, default=64_000_000, help="start a new shard after this many bytes")
     p.add_argument("--shard-samples", type=int, default=0, help="... or after this many samples (0: no limit)")
-    p.add_argument("--force", action="store_true", help="rebuild even if a manifest exists")
+    p.add_argument("--force", action="store_true", help="rebuild even if a manifest exists, or write beside files vaepipe "
+                   "did not write (removes only the files its own manifest names; never overwrites others)")
     p.add_argument("--verify", action="store_true", help="only check existing shards against the manifest")
 
     p = sub.add_parser("fit", help="train a model (prepares missing shards first)")
@@ -236,6 +237,8 @@ def run(args: argparse.Namespace) -> int:
 def _array_range(trials: int, parallel: int | None) -> str:
     if trials < 1:
         raise ValueError(f"--trials must be >= 1, got {trials}")
+    if parallel is not None and parallel < 1:  # %0 is no limit to some Slurm versions, refused by others
+        raise ValueError(f"--parallel must be >= 1, got {parallel}")
     return f"0-{trials - 1}" + (f"%{parallel}" if parallel else "")
 
 
@@ -268,7 +271,7 @@ def run_sweep(args: argparse.Namespace) -> int:
               f"[-c site.yaml] [--partition P --time HH:MM:SS]")
     elif cmd == "submit":
         folder = sw.sweep_folder(args.sweep_id)
-        cfg = load_config(args.config, [*args.overrides, f"run.dir={folder}", "run.name=sweep"])
+        cfg = load_config(args.config, [*args.overrides, sw.dotlist_item("run.dir", str(folder)), "run.name=sweep"])
         agent = f"{shlex.quote(sys.executable)} -m wandb agent --forward-signals --count 1 {shlex.quote(args.sweep_id)}"
         script, job = sw.submit_array(cfg, template="sweep_array.sbatch", array=_array_range(args.trials, args.parallel),
                                       name=args.sweep_id.split("/")[-1], extra={"trial_command": agent},
@@ -280,11 +283,21 @@ def run_sweep(args: argparse.Namespace) -> int:
         out = Path(args.out or Path("runs") / "sweeps" / Path(args.file).stem)
         job_settings, trial_overrides = _slurm_overrides(args.overrides)
         if not args.slurm:
+            # options that only shape the job array would be ignored (--dry-run would run every trial)
+            job_only = [name for name, value in (("--dry-run", args.dry_run), ("--parallel", args.parallel is not None),
+                                                 ("-c/--config", args.config)) if value]
+            job_only += [o for o in args.overrides if o.startswith("slurm.")]
+            if job_only:
+                raise ValueError(f"{', '.join(job_only)}: only with --slurm (they shape the job array); add --slurm, "
+                                 "or leave them out to run the trials here one after the other")
             rows = sw.run_local(args.file, out, args.trials, args.seed, trial_overrides)
             print(f"\n{sw.format_table(rows)}\n\nresults: {out / 'results.csv'}, {out / 'results.md'}")
             return 0 if all(r["status"] == "done" for r in rows) else 1
+        # the job first: a size it cannot have is refused before the plan is written
+        cfg = load_config(args.config, [*job_settings, sw.dotlist_item("run.dir", str(out)), "run.name=sweep"])
+        sw.job_size(cfg)
+        _array_range(1, args.parallel)
         plan = sw.plan_local(args.file, out, args.trials, args.seed, trial_overrides)
-        cfg = load_config(args.config, [*job_settings, f"run.dir={out}", "run.name=sweep"])
         runner = f"{shlex.quote(sys.executable)} -m pipeline sweep trial {shlex.quote(str(out.resolve()))} $SLURM_ARRAY_TASK_ID"
         script, job = sw.submit_array(cfg, template="sweep_array.sbatch", name=plan["sweep"], dry_run=args.dry_run,
                                       array=_array_range(len(plan["trials"]), args.parallel),
@@ -325,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         sys.exit(run(args))
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, ShardError, ResumeError,
-            TrainingDiverged, UnsafeCheckpointError) as err:
+            TrainingDiverged, UnsafeCheckpointError, RunFolderBusy) as err:
         print(f"vaepipe {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except WriteFailure as err:  # disk full and the like: retryable once space is freed

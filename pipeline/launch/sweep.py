@@ -41,32 +41,30 @@ def load_sweep(path: str | Path) -> dict:
         raise FileNotFoundError(f"sweep file not found: {path}")
     try:
         sweep = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(sweep, dict):
         raise ConfigError(f"{path}: a sweep is a mapping with method, metric, parameters, command")
     where = str(path)
     if sweep.get("method") not in METHODS:
         raise ConfigError(f"{where}: bad value for 'method': {sweep.get('method')!r}; choose one of {', '.join(METHODS)}")
-    metric = sweep.get("metric") or {}
-    if not metric.get("name") or metric.get("goal", "minimize") not in ("minimize", "maximize"):
-        raise ConfigError(f"{where}: 'metric' needs a name (e.g. val/loss) and goal minimize|maximize")
-    command = [str(c) for c in sweep.get("command") or []]
+    _check_metric(where, sweep.get("metric"))
+    command = sweep.get("command")
+    # a string would be read letter by letter, a mapping by its keys: only a list is a command line
+    if not isinstance(command, list) or not all(isinstance(c, (str, int, float)) for c in command):
+        raise ConfigError(f"{where}: bad value for 'command': {command!r}; a list of words, e.g. "
+                          "[${env}, vaepipe, fit, ${args_no_hyphens}]")
+    command = [str(c) for c in command]
     if "${args_no_hyphens}" not in command or "fit" not in command:
         raise ConfigError(f"{where}: 'command' must run `vaepipe fit ... ${{args_no_hyphens}}` (dotlist overrides)")
-    params = sweep.get("parameters") or {}
+    params = sweep.get("parameters")
     if not params:
         raise ConfigError(f"{where}: no 'parameters'")
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}: bad value for 'parameters': {params!r}; a mapping of dotted config keys to "
+                          "their values, e.g. parameters: {model.beta: {values: [1, 4]}}")
     for name, spec in params.items():
-        if not isinstance(spec, dict) or "parameters" in spec:
-            raise ConfigError(f"{where}: parameter '{name}': use a dotted config key (model.beta) with "
-                              "value/values/distribution, not nested parameters")
-        kind = distribution(spec)
-        if kind not in DISTRIBUTIONS:
-            raise ConfigError(f"{where}: parameter '{name}': unknown distribution {kind!r}; "
-                              f"known: {', '.join(DISTRIBUTIONS)}")
-        if sweep["method"] == "grid" and kind not in ("constant", "categorical"):
-            raise ConfigError(f"{where}: parameter '{name}': a grid sweep needs 'values' (or 'value'), got {kind}")
+        _check_parameter(where, sweep["method"], name, spec)
     configs = [str(c) for i, c in enumerate(command) if i and command[i - 1] in ("-c", "--config")]
     for trial in draw(sweep, 1, seed=0) if sweep["method"] != "bayes" else [first_values(params)]:
         try:  # every name a real config key, every drawn value of the right type
@@ -74,6 +72,78 @@ def load_sweep(path: str | Path) -> dict:
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
     return sweep
+
+
+def _check_metric(where: str, metric) -> None:
+    if not (isinstance(metric, dict) and isinstance(metric.get("name"), str) and metric["name"]
+            and metric.get("goal", "minimize") in ("minimize", "maximize")):
+        raise ConfigError(f"{where}: bad value for 'metric': {metric!r}; a name (e.g. val/loss) and goal "
+                          "minimize|maximize, e.g. metric: {name: val/loss, goal: minimize}")
+
+
+# The distributions drawn between 'min' and 'max' (wandb's sweep config schema).
+BOUNDED = ("uniform", "int_uniform", "q_uniform", "log_uniform_values", "q_log_uniform_values", "log_uniform")
+
+
+def _check_parameter(where: str, method: str, name, spec) -> None:
+    """One parameter's spec, checked so that drawing from it cannot fail (or quietly misread it)."""
+    at = f"{where}: parameter '{name}'"
+    if not isinstance(name, str):
+        raise ConfigError(f"{at}: a parameter's name is a dotted config key such as model.beta")
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{at}: bad value {spec!r}; a mapping with value, values, or distribution/min/max, "
+                          "e.g. {values: [1, 4]}")
+    if "parameters" in spec:
+        raise ConfigError(f"{at}: use a dotted config key (model.beta) with value/values/distribution, "
+                          "not nested parameters")
+    kind = distribution(spec)
+    if kind not in DISTRIBUTIONS:
+        raise ConfigError(f"{at}: unknown distribution {kind!r}; known: {', '.join(DISTRIBUTIONS)}")
+    if method == "grid" and kind not in ("constant", "categorical"):
+        raise ConfigError(f"{at}: a grid sweep needs 'values' (or 'value'), got {kind}")
+    if kind == "constant" and "value" not in spec:
+        raise ConfigError(f"{at}: distribution constant needs 'value'")
+    if kind == "categorical" and not (isinstance(spec.get("values"), list) and spec["values"]):
+        # a string would be drawn letter by letter: only a list is a set of values
+        raise ConfigError(f"{at}: bad value for 'values': {spec.get('values')!r}; a non-empty list, "
+                          "e.g. values: [1, 4]")
+    if kind in BOUNDED:
+        _check_bounds(at, kind, spec)
+    if kind == "normal":
+        for key in ("mu", "sigma"):
+            if key in spec:
+                _number(at, key, spec[key])
+        if spec.get("sigma", 1.0) <= 0:
+            raise ConfigError(f"{at}: bad value for 'sigma': {spec['sigma']!r}; the standard deviation must be > 0")
+
+
+def _number(at: str, key: str, value, integer: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        hint = ""
+        if isinstance(value, str):
+            try:
+                float(value)
+                hint = f" (YAML reads {value} as text: write it with a decimal point, e.g. 1.0e-4)"
+            except ValueError:
+                pass
+        raise ConfigError(f"{at}: bad value for '{key}': {value!r}; {'an integer' if integer else 'a number'}{hint}")
+
+
+def _check_bounds(at: str, kind: str, spec: dict) -> None:
+    for key in ("min", "max"):
+        if key not in spec:
+            raise ConfigError(f"{at}: distribution {kind} needs 'min' and 'max'")
+        _number(at, key, spec[key], integer=kind == "int_uniform")
+    lo, hi = spec["min"], spec["max"]
+    if lo > hi:
+        raise ConfigError(f"{at}: 'min' {lo!r} is above 'max' {hi!r}")
+    if kind in ("log_uniform_values", "q_log_uniform_values") and lo <= 0:
+        raise ConfigError(f"{at}: bad value for 'min': {lo!r}; {kind} draws between the values themselves, "
+                          "which must be > 0 (log_uniform takes their logarithms)")
+    if "q" in spec:
+        _number(at, "q", spec["q"])
+        if spec["q"] <= 0:
+            raise ConfigError(f"{at}: bad value for 'q': {spec['q']!r}; the step must be > 0")
 
 
 def distribution(spec: dict) -> str:
@@ -138,6 +208,18 @@ def overrides(params: dict) -> list[str]:
     return create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})["args_no_hyphens"]
 
 
+def dotlist_item(key: str, text: str) -> str:
+    """`key=value` that a config reads back as exactly `text` (a path, a name): a dotlist value is
+    parsed as YAML (` #` starts a comment, `a: b` is a mapping, `- x` a list), so it goes in YAML
+    double quotes. `${` is refused: the config would read an interpolation there, even escaped
+    (a resolved config reads its values again)."""
+    if "${" in text:
+        raise ValueError(f"{key}={text!r}: a folder or name with '${{' in it would be read as a config "
+                         "interpolation (such as ${run.dir}); choose one without it")
+    quoted = yaml.safe_dump(text, default_style='"', width=math.inf, allow_unicode=True).rstrip("\n")
+    return f"{key}={quoted}"
+
+
 def agent_command(sweep: dict, params: dict) -> list[str]:
     """The command line wandb's agent runs for one trial (wandb_agent.Agent._command_run): its
     ${envvar:...} expansion, then each ${macro} replaced by its argument list."""
@@ -162,24 +244,85 @@ def _trial_env() -> dict:
 
 def plan_local(path: str | Path, out_dir: str | Path, trials: int | None, seed: int, extra: list[str]) -> dict:
     """Draw the trials and write them to out_dir/trials.json (the array tasks read it from there)."""
+    if trials is not None and trials < 1:  # 0 would mean the whole grid, -1 all but its last point
+        raise ValueError(f"--trials must be >= 1, got {trials}")
     sweep = load_sweep(path)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sweep.yaml").write_text(Path(path).read_text())
     name = Path(path).stem
     rows = []
     for i, params in enumerate(draw(sweep, trials, seed)):
-        run_dir = out_dir / f"trial-{i:03d}"
+        # absolute, as the command has it: `sweep results` may run from another folder
+        run_dir = (Path(out_dir) / f"trial-{i:03d}").resolve()
+        # the folder and names exactly as given (quoted), whatever characters they hold
         command = agent_command(sweep, params) + list(extra) + [
-            f"run.name={name}-trial{i:03d}", f"run.dir={run_dir.resolve()}", f"logger.group={name}"]
+            dotlist_item("run.name", f"{name}-trial{i:03d}"), dotlist_item("run.dir", str(run_dir)),
+            dotlist_item("logger.group", name)]
         rows.append({"index": i, "params": params, "run_dir": str(run_dir), "command": command})
+    _check_trial_command(path, rows[0]["command"])
     plan = {"sweep": name, "metric": sweep["metric"], "trials": rows}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "sweep.yaml").write_text(Path(path).read_text())
     (out_dir / "trials.json").write_text(json.dumps(plan, indent=1, default=str) + "\n")
     return plan
 
 
+def _check_trial_command(path: str | Path, command: list[str]) -> None:
+    """The first trial's `vaepipe fit` command as that command will read it: a mistyped override
+    (added to every trial) is refused here, once, not by every trial of the sweep."""
+    from pipeline.cli import build_parser
+
+    args, rest = build_parser().parse_known_args(command[command.index("fit"):])
+    unknown = [t for t in rest if t.startswith("-") or "=" not in t]  # as pipeline.cli.main reads them
+    try:
+        if unknown:
+            raise ConfigError(f"`vaepipe fit` takes no {' '.join(unknown)}")
+        load_config(args.config, [*args.overrides, *rest])
+    except ConfigError as err:
+        raise ConfigError(f"{path}: the trials' command would be refused: {err}") from None
+
+
+def read_plan(out_dir: str | Path) -> dict:
+    """A local sweep folder's trials.json (plan_local), checked: a folder that is not a sweep's, or a
+    damaged plan, is named here rather than failing mid-way."""
+    path = Path(out_dir) / "trials.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{out_dir}: not a local sweep folder (no trials.json; `vaepipe sweep local` "
+                                "writes one)")
+    try:
+        plan = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: damaged plan, not valid JSON ({err}); `vaepipe sweep local` writes it "
+                          "again") from None
+    problem = _plan_problem(plan)
+    if problem:
+        raise ConfigError(f"{path}: damaged plan: {problem}; `vaepipe sweep local` writes it again")
+    return plan
+
+
+def _plan_problem(plan) -> str | None:
+    """What in a trials.json is not as plan_local writes it (None: nothing)."""
+    if not isinstance(plan, dict):
+        return f"a JSON object expected, got {type(plan).__name__}"
+    if not isinstance(plan.get("sweep"), str):
+        return f"bad value for 'sweep': {plan.get('sweep')!r}"
+    if not isinstance(plan.get("metric"), dict) or not isinstance(plan["metric"].get("name"), str):
+        return f"bad value for 'metric': {plan.get('metric')!r}"
+    if not isinstance(plan.get("trials"), list):
+        return f"bad value for 'trials': {plan.get('trials')!r}"
+    shapes = {"index": int, "params": dict, "run_dir": str, "command": list}
+    for i, t in enumerate(plan["trials"]):
+        bad = [k for k, kind in shapes.items() if not isinstance(t, dict) or not isinstance(t.get(k), kind)]
+        if bad or not t["command"] or not all(isinstance(c, str) for c in t["command"]):
+            return f"trial {i}: bad value for '{(bad or ['command'])[0]}'"
+    return None
+
+
 def run_trial(out_dir: str | Path, index: int, replace_process: bool = False) -> int:
-    trial = json.loads((Path(out_dir) / "trials.json").read_text())["trials"][index]
+    trials = read_plan(out_dir)["trials"]
+    if not 0 <= index < len(trials):  # -1 would run the last trial
+        raise ValueError(f"{out_dir}: no trial {index}: this sweep has {len(trials)} trials"
+                         + (f" (0-{len(trials) - 1})" if trials else ""))
+    trial = trials[index]
     print(f"trial {index}: {shlex.join(trial['command'])}", flush=True)
     if replace_process:  # a Slurm array task: signals reach `vaepipe fit` directly
         os.execvpe(trial["command"][0], trial["command"], _trial_env())
@@ -190,7 +333,7 @@ def results(out_dir: str | Path) -> list[dict]:
     """params -> final metric of every trial so far (from each run folder's summary.json), best
     first; also written to results.csv and results.md in the sweep folder."""
     out_dir = Path(out_dir)
-    plan = json.loads((out_dir / "trials.json").read_text())
+    plan = read_plan(out_dir)
     metric, goal = plan["metric"]["name"], plan["metric"].get("goal", "minimize")
     rows = []
     for t in plan["trials"]:
@@ -247,7 +390,7 @@ def submit_array(cfg, *, template: str, array: str, name: str, extra: dict, dry_
     (cfg.run.dir) and sbatch it."""
     from pipeline.launch.slurm import TEMPLATES, render, submit_script
 
-    tasks = cfg.trainer.devices * cfg.trainer.num_nodes
+    tasks = job_size(cfg)
     # A multi-process trial: the agent (or trial runner) is one process; `vaepipe fit` relaunches
     # itself under srun to get one task per device (pipeline.cli).
     launch = 'export VAEPIPE_TRIAL_SRUN="srun --kill-on-bad-exit=1"' if tasks > 1 else ""
@@ -263,6 +406,17 @@ def submit_array(cfg, *, template: str, array: str, name: str, extra: dict, dry_
     if dry_run:
         return run_dir / "sweep.sbatch", text
     return submit_script(run_dir, "sweep.sbatch", text)
+
+
+def job_size(cfg) -> int:
+    """Processes per trial (devices x nodes): the array's tasks are sized by it, so each factor must
+    be a count ('auto', -1 or a list of GPU ids cannot size a Slurm job)."""
+    for key in ("devices", "num_nodes"):
+        value = cfg.trainer[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"bad value for 'trainer.{key}': {value!r}; a Slurm job array needs an integer "
+                              f">= 1 ({'devices per node' if key == 'devices' else 'nodes'} of each trial)")
+    return cfg.trainer.devices * cfg.trainer.num_nodes
 
 
 def sweep_folder(sweep_id: str) -> Path:
