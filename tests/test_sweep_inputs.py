@@ -6,7 +6,6 @@ runs something other than what was asked."""
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -174,10 +173,11 @@ def write_plan(folder: Path, plan) -> Path:
 
 
 def harmless_plan(n: int) -> dict:
-    """A plan whose trials only print: a test that runs one by mistake costs nothing."""
+    """A plan whose trials stop at once (an unknown config key, named after the trial): a test that
+    runs one by mistake costs nothing."""
     return {"sweep": "s", "metric": {"name": "val/loss", "goal": "minimize"},
             "trials": [{"index": i, "params": {"model.beta": i}, "run_dir": f"/nonexistent/trial-{i:03d}",
-                        "command": [sys.executable, "-c", f"print('trial {i} ran')"]} for i in range(n)]}
+                        "command": ["vaepipe", "fit", f"model.trial_{i}_ran=1"]} for i in range(n)]}
 
 
 @pytest.mark.parametrize("index", ["99", "2", "-1"])
@@ -186,8 +186,32 @@ def test_a_trial_index_beyond_the_sweep_is_one_line(tmp_path, index):
     proc = vaepipe("sweep", "trial", folder, index, check=False)
     line = one_error_line(proc)
     assert f"no trial {index}" in line and "2 trials (0-1)" in line and str(folder) in line
-    assert "ran" not in proc.stdout
-    assert "trial 1 ran" in vaepipe("sweep", "trial", folder, "1").stdout  # a trial it has runs
+    assert "_ran" not in proc.stdout + proc.stderr
+    ran = vaepipe("sweep", "trial", folder, "1", check=False)  # a trial it has runs (and stops at its key)
+    assert "model.trial_1_ran" in ran.stderr and "model.trial_0_ran" not in ran.stderr, ran.stderr[-2000:]
+
+
+def test_a_sweep_runs_vaepipe_fit_and_nothing_else(tmp_path):
+    """A shared sweep file or sweep folder is data: neither names a program that runs."""
+    marker = tmp_path / "pwned"
+    plan = harmless_plan(1)
+    plan["trials"][0]["command"] = ["sh", "-c", f"touch {marker}", "fit", "model.beta=1"]
+    folder = write_plan(tmp_path / "sweep", plan)
+    line = one_error_line(vaepipe("sweep", "trial", folder, "0", check=False))
+    assert "must run vaepipe fit" in line and not marker.exists()
+    base = {"method": "grid", "metric": {"name": "val/loss"}, "parameters": {"model.beta": {"values": [1, 2]}}}
+    for command, words in (
+            (["sh", "-c", f"touch {marker}", "fit", "${args_no_hyphens}"], "must run vaepipe fit"),
+            (["${env}", "vaepipe", "fit", "--help", "${args_no_hyphens}"], "takes -c FILE and key=value"),
+            (["${env}", "vaepipe", "fit", f"data.root=pipe:touch {marker}", "${args_no_hyphens}"], "pipe:")):
+        path = tmp_path / "s.yaml"
+        path.write_text(json.dumps({**base, "command": command}))
+        line = one_error_line(vaepipe("sweep", "local", path, "--out", tmp_path / "out", check=False))
+        assert words in line and str(path) in line, line
+    path.write_text(json.dumps({**base, "command": ["${env}", "vaepipe", "fit", "${args_no_hyphens}"],
+                                "parameters": {"data.root": {"values": [f"pipe:touch {marker}"]}}}))
+    line = one_error_line(vaepipe("sweep", "local", path, "--out", tmp_path / "out", check=False))
+    assert "pipe:" in line and "data.root" in line and not marker.exists()
 
 
 @pytest.mark.parametrize("plan,words", [

@@ -57,6 +57,7 @@ def load_sweep(path: str | Path) -> dict:
     command = [str(c) for c in command]
     if "${args_no_hyphens}" not in command or "fit" not in command:
         raise ConfigError(f"{where}: 'command' must run `vaepipe fit ... ${{args_no_hyphens}}` (dotlist overrides)")
+    check_fit_command(command, where)
     params = sweep.get("parameters")
     if not params:
         raise ConfigError(f"{where}: no 'parameters'")
@@ -65,6 +66,8 @@ def load_sweep(path: str | Path) -> dict:
                           "their values, e.g. parameters: {model.beta: {values: [1, 4]}}")
     for name, spec in params.items():
         _check_parameter(where, sweep["method"], name, spec)
+        for value in _values(spec):
+            _no_pipe(value, f"{where}: parameter '{name}'")
     configs = [str(c) for i, c in enumerate(command) if i and command[i - 1] in ("-c", "--config")]
     for trial in draw(sweep, 1, seed=0) if sweep["method"] != "bayes" else [first_values(params)]:
         try:  # every name a real config key, every drawn value of the right type
@@ -317,16 +320,61 @@ def _plan_problem(plan) -> str | None:
     return None
 
 
+# --- a sweep file runs `vaepipe fit`, nothing else (docs/trust.md) ---------------------------------
+
+# what may stand before `fit`: wandb's ${env} (or /usr/bin/env), then vaepipe or `python -m pipeline`
+LAUNCHERS = (["vaepipe"], ["${interpreter}", "-m", "pipeline"], ["python", "-m", "pipeline"],
+             ["python3", "-m", "pipeline"])
+
+
+def check_fit_command(command: list[str], where: str) -> list[str]:
+    """The arguments after `fit` of a sweep's (or a trial's) command, once it is known to run
+    `vaepipe fit` with only `-c FILE` and key=value words: a shared sweep file is data, and must not
+    make `sweep local` (or an agent) run another program, or fit's own flags it does not expect."""
+    fit = command.index("fit") if "fit" in command else -1
+    head = command[:fit] if fit >= 0 else command
+    head = head[1:] if head[:1] in (["${env}"], ["/usr/bin/env"]) else head
+    if fit < 0 or head not in LAUNCHERS:
+        raise ConfigError(f"{where}: 'command' must run vaepipe fit ([${{env}}, vaepipe, fit, ...] or [${{env}}, "
+                          f"${{interpreter}}, -m, pipeline, fit, ...]), not {' '.join(command[:fit + 1 or None])[:120]!r}")
+    args, i = command[fit + 1:], 0
+    while i < len(args):
+        word = args[i]
+        if word in ("-c", "--config") and i + 1 < len(args):
+            i += 2
+            continue
+        if word.startswith("-") or ("=" not in word and not (word.startswith("${") and word.endswith("}"))):
+            raise ConfigError(f"{where}: 'command' passes {word[:80]!r} to vaepipe fit, which takes -c FILE and "
+                              "key=value overrides only")
+        _no_pipe(word.split("=", 1)[-1], f"{where}: 'command'")
+        i += 1
+    return args
+
+
+def _no_pipe(value, where: str) -> None:
+    if isinstance(value, str) and value.lstrip("'\"").startswith("pipe:"):
+        raise ConfigError(f"{where}: a `pipe:` value ({value[:80]!r}) is a shell command, which a sweep file may not "
+                          "give; pass it yourself on the command line (`vaepipe sweep local FILE data.root=...`)")
+
+
+def _values(spec) -> list:
+    return list(spec.get("values") or []) + ([spec["value"]] if "value" in spec else []) if isinstance(spec, dict) else []
+
+
 def run_trial(out_dir: str | Path, index: int, replace_process: bool = False) -> int:
+    """Run trial `index` of a local sweep folder: always this Python's `vaepipe fit`, with the
+    trial's checked arguments (a trials.json names no program that runs)."""
     trials = read_plan(out_dir)["trials"]
     if not 0 <= index < len(trials):  # -1 would run the last trial
         raise ValueError(f"{out_dir}: no trial {index}: this sweep has {len(trials)} trials"
                          + (f" (0-{len(trials) - 1})" if trials else ""))
     trial = trials[index]
-    print(f"trial {index}: {shlex.join(trial['command'])}", flush=True)
+    args = check_fit_command(trial["command"], str(Path(out_dir) / "trials.json"))
+    command = [sys.executable, "-m", "pipeline", "fit", *args]
+    print(f"trial {index}: {shlex.join(command)}", flush=True)
     if replace_process:  # a Slurm array task: signals reach `vaepipe fit` directly
-        os.execvpe(trial["command"][0], trial["command"], _trial_env())
-    return subprocess.run(trial["command"], env=_trial_env()).returncode
+        os.execvpe(command[0], command, _trial_env())
+    return subprocess.run(command, env=_trial_env()).returncode
 
 
 def results(out_dir: str | Path) -> list[dict]:
@@ -405,7 +453,7 @@ def submit_array(cfg, *, template: str, array: str, name: str, extra: dict, dry_
     text = render(cfg, config_path=run_dir / "config.yaml", template=TEMPLATES / template, extra=values, **options)
     if dry_run:
         return run_dir / "sweep.sbatch", text
-    return submit_script(run_dir, "sweep.sbatch", text)
+    return submit_script(run_dir, "sweep.sbatch", text, private=bool(cfg.slurm.env))  # its exports hold tokens
 
 
 def job_size(cfg) -> int:
