@@ -339,3 +339,15 @@ def config_object(config: dict | DictConfig) -> Config:
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{'model': {'beta': 4}} -> {'model.beta': 4}: the names sweeps and dotlist overrides use."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat

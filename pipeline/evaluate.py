@@ -142,8 +142,12 @@ def eval_suggestion(ckpt, module, examples: int, x: torch.Tensor | None, budget_
         return f"vaepipe eval {ckpt}"
     was = module.training
     module.eval()
-    rate = importance_rate(module.vae, x[:100])
-    module.train(was)
+    try:  # Lightning moved the weights to the CPU after fit; the examples may still be on the GPU
+        rate = importance_rate(module.vae, x[:100].to(next(module.vae.parameters()).device))
+    except Exception as err:  # noqa: BLE001 - a hint must never fail a finished run
+        return f"vaepipe eval {ckpt} --k 100   (time not measured: {type(err).__name__})"
+    finally:
+        module.train(was)
     k_train = int(module.cfg.model.k)
     seconds = {k: examples * (k + k_train) / rate for k in (5000, 1000, 100, 10)}
     k = next((k for k in seconds if seconds[k] <= budget_s), 10)

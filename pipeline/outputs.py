@@ -19,8 +19,6 @@ import socket
 from pathlib import Path
 from typing import Callable, IO
 
-import torch
-
 from pipeline.errors import WriteFailure
 
 HOST = socket.gethostname().replace("-", "_")  # no '-': it separates the parts of a temporary's name
@@ -41,6 +39,8 @@ def storage_error(err: BaseException) -> OSError | None:
 
 def tensor_bytes(obj) -> int:
     """Bytes of the tensors in a (nested) checkpoint dict, each storage counted once."""
+    import torch  # here: writing a text file needs no torch (sweep and prepare commands stay light)
+
     seen, total, stack = set(), 0, [obj]
     while stack:
         o = stack.pop()
@@ -77,9 +77,9 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], what: str
     # host, pid and a random part: unpredictable, and whose it is stays known (remove_stale_temporaries)
     tmp = path.with_name(f".{path.name}.tmp-{HOST}-{os.getpid()}-{secrets.token_hex(4)}")
     try:
-        with open(tmp, "xb") as f:  # O_CREAT | O_EXCL: a name planted as a link is refused, never followed
-            if private:
-                os.fchmod(f.fileno(), 0o600)
+        # O_EXCL: a name planted as a link is refused, never followed; a private file is never readable by others
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600 if private else 0o666)
+        with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

@@ -18,7 +18,8 @@ from __future__ import annotations
 import re
 
 REDACTED = "<redacted>"
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s'\"]+@")
+# greedy to the authority's last '@': a password may hold one (user:p@ss@host)
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s'\"]+@")
 _SECRET_PARAM = re.compile(
     r"(?i)([?&](?:x-amz-[a-z-]+|x-goog-[a-z-]+|sig|signature|token|access_token|api_key|apikey|key|secret|password|"
     r"passwd|pwd|credential|auth|sv|se|sp|skoid|sktid)=)[^&#\s'\"]+")
@@ -44,8 +45,8 @@ def redact(tree, path: str = ""):
 
 def redact_argv(argv: list[str]) -> list[str]:
     """A command line with `slurm.env.KEY=value` overrides and URL credentials redacted."""
-    return [f"{a.split('=', 1)[0]}={REDACTED}" if a.startswith("slurm.env.") and "=" in a else redact_text(a)
-            for a in argv]
+    return [f"{a.split('=', 1)[0]}={REDACTED}" if a.startswith(("slurm.env.", "slurm.env=")) and "=" in a
+            else redact_text(a) for a in argv]
 
 
 def holds_secrets(tree) -> bool:

@@ -8,7 +8,9 @@ naming the holder. A lock is taken over, with one line, only when its holder is 
 
 - the same host, and that pid is not running (or is another process: its start time differs);
 - the same Slurm job, restarted since (a requeued job: Slurm ended the earlier run, which a
-  time-limit kill can stop before it removes its lock).
+  time-limit kill can stop before it removes its lock);
+- another Slurm job that Slurm's controller says is no longer running (a job killed on another
+  node: out of memory, past its kill wait).
 
 Only the primary process locks (rank 0 of node 0): DDP ranks of the same run write nothing of
 their own there. Anything else (a crashed node on shared storage) is for the user to judge: the
@@ -20,7 +22,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
+import shutil
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -63,10 +68,31 @@ def gone(holder: dict, now: dict) -> str | None:
             return "that process has exited"
         if started is not None and holder.get("pid_start") not in (None, started):
             return "that process has exited (its pid now belongs to another process)"
-    if holder.get("slurm_job") and holder["slurm_job"] == now["slurm_job"] and \
-            isinstance(holder.get("slurm_restart"), int) and holder["slurm_restart"] < now["slurm_restart"]:
+    job = holder.get("slurm_job")
+    if job and job == now["slurm_job"] and isinstance(holder.get("slurm_restart"), int) and \
+            holder["slurm_restart"] < now["slurm_restart"]:
         return "this is the same Slurm job, requeued since"
+    if job and job != now["slurm_job"] and isinstance(job, str) and re.fullmatch(r"\d+(_\d+)?", job) and \
+            slurm_job_ended(job):
+        return f"Slurm says job {job} is no longer running"
     return None
+
+
+def slurm_job_ended(job: str) -> bool:
+    """True when Slurm's controller says the job is not pending or running (ended, or purged from
+    its memory); False when it is, or when Slurm cannot be asked (no squeue, no answer): a job
+    killed on another node (out of memory, past its kill wait) leaves a lock nobody else removes."""
+    if shutil.which("squeue") is None:
+        return False
+    try:
+        proc = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    if proc.returncode != 0:
+        return "Invalid job id" in proc.stderr  # long gone: no longer in the controller's memory
+    states = set(proc.stdout.split())
+    return not states & {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED",
+                         "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"}
 
 
 def _alive(pid: int) -> bool:

@@ -20,23 +20,11 @@ from urllib.parse import urlparse
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, flatten  # noqa: F401 - flatten re-exported
 from pipeline.outputs import write_text
 from pipeline.redact import redact, redact_argv
 
 RUN_ID_FILE = "wandb_run_id"
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{'model': {'beta': 4}} -> {'model.beta': 4}: the names sweeps and dotlist overrides use."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def _has_api_key(host: str) -> bool:

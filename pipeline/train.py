@@ -19,7 +19,7 @@ from pipeline.callbacks import (AtomicCheckpointIO, ImageGrids, LastCheckpoint, 
 from pipeline.checkpoints import load_checkpoint
 from pipeline.config import ConfigError, to_yaml
 from pipeline.data.location import is_remote
-from pipeline.data.shards import MANIFEST, foreign_entries, prepare, read_manifest
+from pipeline.data.shards import MANIFEST, prepare, read_manifest
 from pipeline.data.sources import SOURCE_NAMES
 from pipeline.data.datamodule import ShardDataModule
 from pipeline.data.resident import pixel_mean
@@ -74,13 +74,8 @@ def ensure_prepared(data_cfg, seed: int, log=print, wait_s: float = 3600) -> Non
         raise FileNotFoundError(
             f"data.root '{root}' has no {MANIFEST}; data set '{data_cfg.name}' needs its raw files: set "
             f"data.source=PATH (or run `vaepipe prepare {data_cfg.name} --source PATH --out {root}`)")
-    others = foreign_entries(root)
-    if others:  # someone's own files (their WebDataset shards, say): never written over unasked
-        raise FileExistsError(
-            f"data.root '{root}' has no {MANIFEST} but holds {len(others)} file(s) vaepipe did not write "
-            f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); vaepipe prepares data automatically "
-            f"only into a new or empty folder. Point data.root at one, or prepare here explicitly with `vaepipe "
-            f"prepare {data_cfg.name} --out {root} --force` (it never overwrites or deletes files it did not write)")
+    # prepare() refuses a folder holding files vaepipe did not write (someone's own WebDataset
+    # shards): automatic preparation only into a new or empty folder, decided under its lock
     log(f"preparing '{data_cfg.name}' shards in {root} ...")
     try:
         prepare(data_cfg.name, root, source=data_cfg.source, seed=seed, shard_bytes=data_cfg.shard_bytes,

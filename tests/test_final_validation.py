@@ -81,7 +81,7 @@ def test_sweep_table_says_why_a_metric_is_missing(tmp_path):
         run_dir = tmp_path / f"t{i}"
         run_dir.mkdir()
         (run_dir / "summary.json").write_text(json.dumps({"metrics": metrics, "preempted_at": None}))
-        trials.append({"index": i, "params": {"model.beta": i}, "run_dir": str(run_dir)})
+        trials.append({"index": i, "params": {"model.beta": i}, "run_dir": str(run_dir), "command": ["vaepipe", "fit"]})
     (tmp_path / "trials.json").write_text(json.dumps({"sweep": "s", "metric": {"name": "val/loss"}, "trials": trials}))
     rows = sw.results(tmp_path)
     assert [r["trial"] for r in rows] == [2, 0, 1]  # best first, the one without a value last

@@ -31,6 +31,8 @@ def test_fast_path_trains_on_the_gpu(sprites_root, tmp_path, precision):
     assert "train split resident on cuda" in proc.stdout
     assert "torch.compile of the training step failed" not in proc.stderr
     assert "as one CUDA graph failed" not in proc.stderr
+    # the next: line times an eval on this machine (the examples were on the GPU, the weights moved back)
+    assert "time not measured" not in proc.stdout and "next:       vaepipe eval" in proc.stdout
     ckpt = load_checkpoint(run_dir / "checkpoints/last.ckpt")
     assert ckpt["global_step"] == 200 and all(torch.isfinite(w).all() for w in ckpt["state_dict"].values())
     curve = losses(run_dir)

@@ -217,3 +217,28 @@ def test_two_node_job_signalled_continues_as_a_one_node_job(cluster, sprites_roo
     done = final(run_dir)
     assert done["global_step"] == 600
     assert [p["world_size"] for p in done["ShardDataModule"]["stream_positions"]] == [1]
+
+
+def test_a_run_folder_lock_of_a_job_slurm_ended_is_taken_over(cluster, tmp_path, monkeypatch):
+    """A fit killed on another node (out of memory, past its kill wait) leaves its run-folder lock:
+    Slurm's controller, asked, says the job ended, and the lock is taken over; a running job's is not."""
+    import json
+
+    from pipeline.errors import RunFolderBusy
+    from pipeline.run_lock import LOCK_NAME, RunFolderLock, me
+
+    monkeypatch.setenv("SLURM_CONF", cluster.env["SLURM_CONF"])
+    ended = cluster.run("sbatch", "--parsable", "-o", "/dev/null", "--wrap", "true").stdout.strip()
+    running = cluster.run("sbatch", "--parsable", "-o", "/dev/null", "--wrap", "sleep 300").stdout.strip()
+    try:
+        assert cluster.wait(ended, timeout=60)["JobState"] == "COMPLETED"
+        holder = {**me("fit"), "host": "node17", "pid": 1}
+        (tmp_path / LOCK_NAME).write_text(json.dumps({**holder, "slurm_job": running}))
+        with pytest.raises(RunFolderBusy, match=f"Slurm job {running}"):
+            RunFolderLock(tmp_path).acquire()
+        (tmp_path / LOCK_NAME).write_text(json.dumps({**holder, "slurm_job": ended}))
+        lines = []
+        with RunFolderLock(tmp_path, log=lines.append):
+            assert f"Slurm says job {ended} is no longer running" in lines[0]
+    finally:
+        cluster.run("scancel", running, check=False)

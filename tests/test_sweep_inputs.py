@@ -208,10 +208,19 @@ def test_a_sweep_runs_vaepipe_fit_and_nothing_else(tmp_path):
         path.write_text(json.dumps({**base, "command": command}))
         line = one_error_line(vaepipe("sweep", "local", path, "--out", tmp_path / "out", check=False))
         assert words in line and str(path) in line, line
-    path.write_text(json.dumps({**base, "command": ["${env}", "vaepipe", "fit", "${args_no_hyphens}"],
-                                "parameters": {"data.root": {"values": [f"pipe:touch {marker}"]}}}))
+    # a pipe: value however spelled: what the sweep resolves to is checked
+    fit = ["${env}", "vaepipe", "fit", "${args_no_hyphens}"]
+    for params in ({"data.root": {"values": [f"pipe:touch {marker}"]}},
+                   {"data.root": {"value": f" pipe:touch {marker}"}},
+                   {"data.root": {"value": f"!!str pipe:touch {marker}"}},
+                   {"logger.project": {"value": "pipe"}, "data.root": {"value": f"${{logger.project}}:touch {marker}"}}):
+        path.write_text(json.dumps({**base, "command": fit, "parameters": params}))
+        line = one_error_line(vaepipe("sweep", "local", path, "--out", tmp_path / "out", check=False))
+        assert "pipe:" in line and "data.root" in line and not marker.exists(), line
+    path.write_text("method: grid\nmetric: {name: val/loss}\nparameters: {model.beta: {values: [1]}}\n"
+                    f"command: ['${{env}}', vaepipe, fit, 'data.root=\"\\x70ipe:touch {marker}\"', '${{args_no_hyphens}}']\n")
     line = one_error_line(vaepipe("sweep", "local", path, "--out", tmp_path / "out", check=False))
-    assert "pipe:" in line and "data.root" in line and not marker.exists()
+    assert "pipe:" in line and "data.root" in line and not marker.exists(), line
 
 
 @pytest.mark.parametrize("plan,words", [
@@ -246,3 +255,20 @@ def test_dotlist_items_read_back_exactly():
                  "null", "~", "1e3", "true", "[1, 2]", "{a: 1}", "line\nnext", "% 100%"]:
         cfg = load_config([], [sw.dotlist_item("run.dir", text), sw.dotlist_item("logger.group", text)])
         assert cfg.run.dir == text and cfg.logger.group == text, text
+
+
+def test_a_pipe_root_given_on_the_command_line_reaches_the_trials(sprites_root, tmp_path):
+    """The user's own overrides may name a pipe: root (only the sweep file's may not); the sweep folder's
+    files are written by rename (a link planted in a shared folder is replaced, not written through)."""
+    spec = write_sweep(tmp_path / "s.yaml", {"parameters": {"model.latent_dim": {"values": [2]}}})
+    out = tmp_path / "sweep"
+    out.mkdir()
+    target = tmp_path / "elsewhere.json"
+    target.write_text("original")
+    (out / "trials.json").symlink_to(target)
+    vaepipe("sweep", "local", spec, "--out", out, f"data.root=pipe:cat {sprites_root}/{{name}}",
+            *[f"{k}={v}" for k, v in TINY.items()])
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["status"] for r in rows] == ["done"] and target.read_text() == "original"
+    (Path(rows[0]["run_dir"]) / "summary.json").write_text("[1, 2]")  # damaged: read as not run, no traceback
+    assert "not run" in vaepipe("sweep", "results", out).stdout

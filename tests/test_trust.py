@@ -271,7 +271,9 @@ def test_temporaries_are_created_exclusively(tmp_path, monkeypatch):
 
 def test_secrets_are_masked_in_checkpoints_and_wandb(sprites_root, tmp_path):
     run_dir = tmp_path / "run"
-    vaepipe("fit", f"data.root={sprites_root}", f"run.dir={run_dir}", "trainer.max_steps=2", *SMALL,
+    # a pipe: root holding a credential URL (as `curl https://user:pw@host/{name}` would)
+    root = f"pipe:cat {sprites_root}/{{name}}; true https://bob:pa@ss@example.org/x"
+    vaepipe("fit", f"data.root={root}", f"run.dir={run_dir}", "trainer.max_steps=2", *SMALL,
             "logger.backend=wandb", "logger.mode=offline", "slurm.env.HF_TOKEN=hf_s3cr3tT0ken",
             "data.source=https://alice:hunter2@example.org/sprites.npz?X-Amz-Signature=abcdef0123",
             env={"WANDB_MODE": None, "WANDB_DIR": None})
@@ -285,7 +287,7 @@ def test_secrets_are_masked_in_checkpoints_and_wandb(sprites_root, tmp_path):
     assert any(p.suffix == ".wandb" for p in files) and any(p.suffix == ".ckpt" for p in files)
     for path in files:
         data = path.read_bytes()
-        for secret in (b"hf_s3cr3tT0ken", b"hunter2", b"abcdef0123"):
+        for secret in (b"hf_s3cr3tT0ken", b"hunter2", b"abcdef0123", b"pa@ss"):
             assert secret not in data, (path, secret)
 
 
@@ -326,3 +328,91 @@ def test_fit_output_is_honest(trained, sprites_root, tmp_path):
     assert "litlogger" not in text and "smaller than the logging interval" not in text
     next_line = next(line for line in proc.stdout.splitlines() if "next:" in line)
     assert "vaepipe eval" in next_line and ("min" in next_line or " s " in next_line or "s)" in next_line), next_line
+
+
+# --- found by review: the same guarantees on the paths around them ----------------------------------
+
+def test_a_planted_staging_link_deletes_nothing(tmp_path):
+    from pipeline.data.shards import STAGING, prepare
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "train-000000.tar").write_bytes(b"theirs")
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / f"{STAGING}zz").symlink_to(victim)  # looks like an interrupted prepare's staging folder
+    with pytest.raises(FileExistsError, match="did not write"):  # a link is not vaepipe's: a foreign entry
+        prepare("gmm", root, log=lambda *_: None)
+    prepare("gmm", root, force=True, sizes={"train": 32, "val": 8, "test": 8}, log=lambda *_: None)
+    assert (victim / "train-000000.tar").read_bytes() == b"theirs" and (root / f"{STAGING}zz").is_symlink()
+
+
+def test_force_removes_only_its_own_shards_and_replaces_a_damaged_manifest(tmp_path):
+    from pipeline.data.shards import JOURNAL, prepare
+
+    root = tmp_path / "d"
+    small = {"train": 32, "val": 8, "test": 8}
+    prepare("gmm", root, sizes=small, log=lambda *_: None)
+    (root / "notes.txt").write_text("mine")
+    edit_manifest(root, lambda m: m["splits"]["test"]["shards"].append(  # a crafted list naming someone's file
+        {"name": "notes.txt", "num_samples": 0, "bytes": 4}))
+    prepare("gmm", root, sizes=small, force=True, log=lambda *_: None)
+    assert (root / "notes.txt").read_text() == "mine"
+    # a rebuild cut short after its journal: the shards it moved in are still its own
+    (root / "manifest.json").unlink()
+    with pytest.raises(FileExistsError, match="would overwrite"):  # without its journal: not provably its own
+        prepare("gmm", root, sizes=small, force=True, log=lambda *_: None)
+    (root / JOURNAL).write_text(json.dumps({"names": sorted(p.name for p in root.glob("*-000000.tar"))}))
+    prepare("gmm", root, sizes=small, force=True, log=lambda *_: None)
+    assert not (root / JOURNAL).exists() and (root / "notes.txt").read_text() == "mine"
+    # a damaged manifest: named; --force replaces it
+    (root / "manifest.json").write_text('{"splits": ')
+    for shard in root.glob("*.tar"):  # what it no longer lists is the user's to remove
+        shard.unlink()
+    with pytest.raises(ManifestError, match="not valid JSON.*--force` replaces it"):
+        prepare("gmm", root, sizes=small, log=lambda *_: None)
+    prepare("gmm", root, sizes=small, force=True, log=lambda *_: None)
+    assert json.loads((root / "manifest.json").read_text())["splits"]["train"]["num_samples"] == 32
+
+
+def test_a_huge_tar_extended_header_is_refused_before_it_is_read(sprites_root, tmp_path):
+    root = copy_root(sprites_root, tmp_path / "root")
+    big = 100 * 2**20  # a GNU long-name header of 100 MB: tarfile reads it whole before the member
+    raw = io.BytesIO()
+    with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1) as gz:
+        header = tarfile.TarInfo("././@LongLink")
+        header.type, header.size = tarfile.GNUTYPE_LONGNAME, big
+        gz.write(header.tobuf(format=tarfile.GNU_FORMAT))
+        for _ in range(big // 2**20):
+            gz.write(b"a" * 2**20)
+    shard = root / "test-000000.tar"
+    shard.write_bytes(raw.getvalue())
+
+    def point(m):  # a manifest that fits the crafted shard's size
+        m["splits"]["test"]["shards"][0].update(bytes=shard.stat().st_size, records=[], num_samples=64)
+        m["splits"]["test"]["num_samples"] = sum(s["num_samples"] for s in m["splits"]["test"]["shards"])
+    edit_manifest(root, point)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ShardError, match="test-000000.tar.*extended header"):
+            list(make_loader(str(root), "test", 64, verify=False))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20, peak
+
+
+def test_eval_limit_on_a_remote_root_does_not_size_by_the_manifest(trained, sprites_root, tmp_path):
+    """A remote manifest's counts cannot be checked against files before streaming: --limit must not
+    allocate by them (it drew a mask of 10^12 entries)."""
+    root = copy_root(sprites_root, tmp_path / "root")
+
+    def claim(m):
+        shard = m["splits"]["test"]["shards"][0]
+        shard.update(num_samples=10**12, bytes=10**12 * 64 * 64)
+        m["splits"]["test"]["num_samples"] = sum(s["num_samples"] for s in m["splits"]["test"]["shards"])
+    edit_manifest(root, claim)
+    proc = vaepipe("eval", trained, "--k", "2", "--limit", "5", "--data-root", f"pipe:cat {root}/{{name}}",
+                   check=False, timeout=300)
+    assert proc.returncode in (0, 2) and "Traceback" not in proc.stderr and "MemoryError" not in proc.stderr, \
+        proc.stderr[-2000:]

@@ -16,6 +16,7 @@ from pipeline.data.location import load_manifest
 from pipeline.data.plan import EpochPlan
 from pipeline.data.stream import make_loader
 from pipeline.errors import ResumeError
+from pipeline.redact import redact_text
 
 
 class StepCalls:
@@ -148,7 +149,7 @@ class ShardDataModule(pl.LightningDataModule):
         _, world = self._rank_world()
         return {"world_size": world, "num_workers": 0 if self.resident else self.cfg.num_workers,
                 "batch_size": self.cfg.batch_size, "global_batch": self.cfg.batch_size * world, "seed": self.seed,
-                "root": str(self.cfg.root), "order": "global", "window": self.cfg.shuffle_buffer,
+                "root": redact_text(str(self.cfg.root)), "order": "global", "window": self.cfg.shuffle_buffer,
                 "path": "resident" if self.resident else "stream", "steps_per_epoch": self.steps_per_epoch}
 
     def _check_world(self) -> None:

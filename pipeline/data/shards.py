@@ -108,60 +108,89 @@ def write_split(split: str, arrays, out: Path, shard_bytes: int, shard_samples: 
 
 LOCK = ".prepare.lock"
 STAGING = ".vaepipe-staging-"  # prefix of the folder a prepare writes into before moving its files in
+JOURNAL = ".vaepipe-prepare.json"  # the shard names a prepare is moving in: still ours if it is cut short
 OWN_SHARD = re.compile(rf"({'|'.join(SPLITS)})-\d{{6,}}\.tar")  # the names write_split gives
 
 
+def _is_staging(entry: Path) -> bool:
+    return entry.name.startswith(STAGING) and entry.is_dir() and not entry.is_symlink()
+
+
 def foreign_entries(out: Path) -> list[str]:
-    """What a data folder holds besides vaepipe's own bookkeeping (its lock, an interrupted
+    """What a data folder holds besides vaepipe's own bookkeeping (its lock, journal, an interrupted
     prepare's staging folder): any of it means the folder is not vaepipe's to fill unasked."""
     if not out.is_dir():
         return []
-    return sorted(e.name for e in out.iterdir() if e.name != LOCK and not e.name.startswith(STAGING))
+    return sorted(e.name for e in out.iterdir() if e.name not in (LOCK, JOURNAL) and not _is_staging(e))
 
 
-def prepare(name: str, out: str | Path, source: str | None = None, seed: int = 0, sizes: dict | None = None,
-            shard_bytes: int = 64_000_000, shard_samples: int = 0, force: bool = False, log=print) -> dict:
-    """Build shards + manifest for data set `name` in `out`. The shards are written into a staging
-    folder inside `out` and moved in once all are written, the manifest last: a folder with a
-    manifest is complete, and an interrupted prepare leaves only its staging folder (removed by the
-    next one). Never overwrites or deletes a file vaepipe did not write: a folder without vaepipe's
-    manifest must be empty unless `force`, and `force` removes only the files the old manifest names."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    # One writer at a time: the tasks of a Slurm array sweep all start as rank 0 with the same data
-    # root. The others wait here, then find the manifest (FileExistsError: already prepared).
-    # O_NOFOLLOW: a lock name planted as a symlink is refused, not followed.
+def _journal_names(out: Path) -> set:
+    """Shard names an interrupted prepare was moving in (vaepipe's own, if only of its shard form)."""
     try:
-        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        names = json.loads((out / JOURNAL).read_text()).get("names", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {n for n in names if isinstance(n, str) and OWN_SHARD.fullmatch(n)}
+
+
+def _open_lock(out: Path) -> int:
+    # O_NOFOLLOW: a lock name planted as a symlink is refused, not followed
+    try:
+        return os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as err:
         if err.errno != errno.ELOOP:
             raise
         raise FileExistsError(f"{out / LOCK} is a symbolic link, not vaepipe's lock file: refusing to follow it; "
                               "remove it if it is not yours to keep") from None
-    with os.fdopen(fd, "r+") as lock:
+
+
+def prepare(name: str, out: str | Path, source: str | None = None, seed: int = 0, sizes: dict | None = None,
+            shard_bytes: int = 64_000_000, shard_samples: int = 0, force: bool = False, log=print) -> dict:
+    """Build shards + manifest for data set `name` in `out`. The shards are written into a staging
+    folder inside `out` and moved in once all are written (listed first in a journal), the manifest
+    last: a folder with a manifest is complete, and an interrupted prepare is simply run again.
+    Never overwrites or deletes a file vaepipe did not write: a folder without vaepipe's manifest must
+    be empty unless `force`, and `force` removes only shard files its old manifest (or journal) names."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # One writer at a time: the tasks of a Slurm array sweep all start as rank 0 with the same data
+    # root. The others wait here, then find the manifest (FileExistsError: already prepared).
+    with os.fdopen(_open_lock(out), "r+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        old = read_manifest(out) if (out / MANIFEST).exists() else None
+        old, damaged = None, False
+        if (out / MANIFEST).exists():
+            try:
+                old = read_manifest(out)
+            except ManifestError as err:
+                if not force:
+                    raise ManifestError(f"{err} (`vaepipe prepare {name} --out {out} --force` replaces it; shard files "
+                                        "it no longer lists are not provably vaepipe's: remove those yourself)") from None
+                damaged = (out / MANIFEST).is_file() and not (out / MANIFEST).is_symlink()
+                log(f"replacing the unreadable {out / MANIFEST} (--force)")
         if old is not None and not force:
             raise FileExistsError(f"{out / MANIFEST} exists: the data set is already prepared (use --force to rebuild)")
-        ours = {s["name"] for e in (old or {"splits": {}})["splits"].values() for s in e["shards"]}
-        others = [n for n in foreign_entries(out) if n != MANIFEST and n not in ours]
+        listed = {s["name"] for e in (old or {"splits": {}})["splits"].values() for s in e["shards"]}
+        ours = {n for n in listed if OWN_SHARD.fullmatch(n)} | _journal_names(out)
+        mine = ours | ({MANIFEST} if old is not None or damaged else set())
+        others = [n for n in foreign_entries(out) if n not in mine]
         if others and not force:
             raise FileExistsError(
                 f"{out} holds {len(others)} file(s) vaepipe did not write ({', '.join(others[:3])}"
                 f"{', ...' if len(others) > 3 else ''}) and no {MANIFEST}: vaepipe prepares only into a new or empty "
                 f"folder. Choose another folder, or write beside them with `vaepipe prepare {name} --out {out} --force` "
                 "(it never overwrites or deletes files it did not write)")
-        clash = [n for n in others if OWN_SHARD.fullmatch(n)]
+        clash = [n for n in others if OWN_SHARD.fullmatch(n) or n == MANIFEST]
         if clash:
             raise FileExistsError(f"{out} holds {', '.join(clash[:3])}{', ...' if len(clash) > 3 else ''}, which vaepipe "
-                                  "did not write and would overwrite with its own shards of that name: move them or "
-                                  "prepare into another folder")
+                                  "did not write (no manifest or journal of it lists them) and would overwrite with its "
+                                  "own files of that name: move them, or prepare into another folder (left from a prepare "
+                                  "whose manifest is gone? remove them yourself)")
         return _prepare_locked(name, out, source, seed, sizes, shard_bytes, shard_samples, ours, log)
 
 
 def _prepare_locked(name, out: Path, source, seed, sizes, shard_bytes, shard_samples, ours: set, log) -> dict:
     t0 = time.time()
-    for stale in out.glob(STAGING + "*"):  # an interrupted prepare's: only our shard names inside
+    for stale in filter(_is_staging, out.glob(STAGING + "*")):  # an interrupted prepare's: our shard names only
         for f in stale.iterdir():
             if OWN_SHARD.fullmatch(f.name) and f.is_file() and not f.is_symlink():
                 f.unlink()
@@ -182,15 +211,20 @@ def _prepare_locked(name, out: Path, source, seed, sizes, shard_bytes, shard_sam
         manifest["splits"][split] = entry
         log(f"  {split:5s}: {entry['num_samples']:7d} samples of shape {tuple(entry['shape'])} {entry['dtype']} "
             f"in {len(entry['shards'])} shard(s)")
-    # The manifest goes first (a folder without one is incomplete), then only the files the old
-    # manifest named (plain names, data/manifest.py), then the new shards move in.
+    # The journal first (what is about to be ours), then the manifest goes (a folder without one is
+    # incomplete), then only our old shard files, then the new shards move in, the manifest last.
+    new = sorted(f.name for f in staging.iterdir())
+    write_json_atomic({"names": sorted(set(new) | ours)}, out / JOURNAL)
     (out / MANIFEST).unlink(missing_ok=True)
     for old in ours:
-        (out / old).unlink(missing_ok=True)
-    for f in staging.iterdir():
-        os.replace(f, out / f.name)  # a rename: replaces a name, never writes through a link
+        path = out / old
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
+    for f in new:
+        os.replace(staging / f, out / f)  # a rename: replaces a name, never writes through a link
     staging.rmdir()
     write_json_atomic(manifest, out / MANIFEST)
+    (out / JOURNAL).unlink(missing_ok=True)
     log(f"prepared '{name}' in {out} ({time.time() - t0:.1f} s)")
     return manifest
 

@@ -81,7 +81,7 @@ def tar_records(url: str, handler, max_record_bytes: int):
     stream, failed = None, False
     try:
         stream = gopen(url)
-        tar, current, held = tarfile.open(fileobj=stream, mode="r|*"), None, 0
+        tar, current, held = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_BoundedTarInfo), None, 0
         for info in tar:
             tar.members = []  # a stream's TarFile keeps every header otherwise
             if not info.isreg() or META_MEMBER.match(info.name):
@@ -109,6 +109,18 @@ def tar_records(url: str, handler, max_record_bytes: int):
     finally:
         # a stopped consumer (GeneratorExit) or an error already reported: close quietly
         _close(stream, None if failed or sys.exc_info()[0] is not None else handler, url)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads the whole data of a GNU long-name or pax header before it yields the member it
+    describes: such headers are refused above 64 KiB (a real one holds a path and a few keys)."""
+
+    def _proc_member(self, tar):
+        if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                         tarfile.SOLARIS_XHDTYPE) and self.size > 1 << 16:
+            raise ShardError(f"a tar extended header of {self.size} bytes (at most {1 << 16} are read): crafted or "
+                             "damaged shard")
+        return super()._proc_member(tar)
 
 
 META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped as it skips them
@@ -489,18 +501,19 @@ def make_subset_loader(root: str, split: str, batch_size: int, *, limit: int | N
     loader = make_loader(root, split, batch_size, seed=seed, manifest=manifest, **kwargs)
     if limit is None or limit >= n:
         return loader
-    keep = np.zeros(n, dtype=bool)
-    keep[np.random.default_rng(seed).choice(n, size=limit, replace=False)] = True
-    return _selected(loader, torch.from_numpy(keep), batch_size)
+    # sorted indices, memory in `limit` (not in the split's size, which a remote manifest only claims)
+    keep = np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+    return _selected(loader, keep, batch_size)
 
 
-def _selected(loader, keep: torch.Tensor, batch_size: int):
-    """The rows of the loader's batches whose index in the split is marked in `keep`, re-batched."""
+def _selected(loader, keep: np.ndarray, batch_size: int):
+    """The rows of the loader's batches whose index in the split is in `keep` (sorted), re-batched."""
     pos, pending = 0, []
     for batch in loader:
         m = len(batch["x"])
-        mask = keep[pos:pos + m]
-        mask = torch.cat([mask, mask.new_zeros(m - len(mask))]) if len(mask) < m else mask
+        lo, hi = np.searchsorted(keep, [pos, pos + m])
+        mask = torch.zeros(m, dtype=torch.bool)
+        mask[torch.from_numpy(keep[lo:hi] - pos)] = True
         pos += m
         if mask.any():
             pending.append({k: v[mask] for k, v in batch.items() if torch.is_tensor(v) and v.dim() and len(v) == m})

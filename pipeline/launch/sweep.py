@@ -13,6 +13,7 @@ Parameter names are dotted config keys (`model.beta`), so `${args_no_hyphens}` h
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import math
@@ -25,8 +26,10 @@ import sys
 from pathlib import Path
 
 import yaml
+from omegaconf import OmegaConf
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, flatten, load_config
+from pipeline.outputs import write_text
 
 METHODS = ("grid", "random", "bayes")
 DISTRIBUTIONS = ("constant", "categorical", "uniform", "int_uniform", "q_uniform", "log_uniform_values",
@@ -69,11 +72,15 @@ def load_sweep(path: str | Path) -> dict:
         for value in _values(spec):
             _no_pipe(value, f"{where}: parameter '{name}'")
     configs = [str(c) for i, c in enumerate(command) if i and command[i - 1] in ("-c", "--config")]
+    words = [c for c in command[command.index("fit") + 1:] if "=" in c and not c.startswith("-")]
     for trial in draw(sweep, 1, seed=0) if sweep["method"] != "bayes" else [first_values(params)]:
         try:  # every name a real config key, every drawn value of the right type
-            load_config(configs, overrides(trial))
+            cfg = load_config(configs, [*words, *overrides(trial)])
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
+        # what the sweep's own words resolve to (interpolations, YAML escapes, its -c files): no command
+        for key, value in flatten(OmegaConf.to_container(cfg, resolve=True)).items():
+            _no_pipe(value, f"{where}: {key}")
     return sweep
 
 
@@ -264,8 +271,8 @@ def plan_local(path: str | Path, out_dir: str | Path, trials: int | None, seed: 
     plan = {"sweep": name, "metric": sweep["metric"], "trials": rows}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sweep.yaml").write_text(Path(path).read_text())
-    (out_dir / "trials.json").write_text(json.dumps(plan, indent=1, default=str) + "\n")
+    write_text(out_dir / "sweep.yaml", Path(path).read_text(), "sweep file")  # never through a planted link
+    write_text(out_dir / "trials.json", json.dumps(plan, indent=1, default=str) + "\n", "sweep plan")
     return plan
 
 
@@ -327,7 +334,7 @@ LAUNCHERS = (["vaepipe"], ["${interpreter}", "-m", "pipeline"], ["python", "-m",
              ["python3", "-m", "pipeline"])
 
 
-def check_fit_command(command: list[str], where: str) -> list[str]:
+def check_fit_command(command: list[str], where: str, allow_pipe: bool = False) -> list[str]:
     """The arguments after `fit` of a sweep's (or a trial's) command, once it is known to run
     `vaepipe fit` with only `-c FILE` and key=value words: a shared sweep file is data, and must not
     make `sweep local` (or an agent) run another program, or fit's own flags it does not expect."""
@@ -346,13 +353,14 @@ def check_fit_command(command: list[str], where: str) -> list[str]:
         if word.startswith("-") or ("=" not in word and not (word.startswith("${") and word.endswith("}"))):
             raise ConfigError(f"{where}: 'command' passes {word[:80]!r} to vaepipe fit, which takes -c FILE and "
                               "key=value overrides only")
-        _no_pipe(word.split("=", 1)[-1], f"{where}: 'command'")
+        if not allow_pipe:
+            _no_pipe(word.split("=", 1)[-1], f"{where}: 'command'")
         i += 1
     return args
 
 
 def _no_pipe(value, where: str) -> None:
-    if isinstance(value, str) and value.lstrip("'\"").startswith("pipe:"):
+    if isinstance(value, str) and value.lstrip(" \t'\"").startswith(("pipe:", "!!str pipe:")):
         raise ConfigError(f"{where}: a `pipe:` value ({value[:80]!r}) is a shell command, which a sweep file may not "
                           "give; pass it yourself on the command line (`vaepipe sweep local FILE data.root=...`)")
 
@@ -369,7 +377,9 @@ def run_trial(out_dir: str | Path, index: int, replace_process: bool = False) ->
         raise ValueError(f"{out_dir}: no trial {index}: this sweep has {len(trials)} trials"
                          + (f" (0-{len(trials) - 1})" if trials else ""))
     trial = trials[index]
-    args = check_fit_command(trial["command"], str(Path(out_dir) / "trials.json"))
+    # the plan `sweep local` wrote, with the user's own overrides (a pipe: data root among them, maybe):
+    # the program is never taken from it
+    args = check_fit_command(trial["command"], str(Path(out_dir) / "trials.json"), allow_pipe=True)
     command = [sys.executable, "-m", "pipeline", "fit", *args]
     print(f"trial {index}: {shlex.join(command)}", flush=True)
     if replace_process:  # a Slurm array task: signals reach `vaepipe fit` directly
@@ -386,8 +396,9 @@ def results(out_dir: str | Path) -> list[dict]:
     rows = []
     for t in plan["trials"]:
         summary = Path(t["run_dir"]) / "summary.json"
-        done = json.loads(summary.read_text()) if summary.is_file() else {}
-        value = done.get("metrics", {}).get(metric)
+        done = _summary(summary)
+        value = done.get("metrics", {}).get(metric) if isinstance(done.get("metrics"), dict) else None
+        value = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
         status = "not run" if not done else ("stopped" if done.get("preempted_at") is not None else "done")
         if status == "done" and value is None:  # finished, but nothing to compare it by
             status = f"metric {metric} never logged"
@@ -395,16 +406,26 @@ def results(out_dir: str | Path) -> list[dict]:
     worst = math.inf if goal == "minimize" else -math.inf
     rows.sort(key=lambda r: (r[metric] if r[metric] is not None else worst) * (1 if goal == "minimize" else -1))
     keys = list(rows[0]) if rows else []
-    with open(out_dir / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out_dir / "results.csv", table.getvalue(), "sweep results")
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
-    (out_dir / "results.md").write_text(f"# sweep {plan['sweep']}: {metric} ({goal}), best first\n\n"
-                                        + "\n".join(lines) + "\n")
+    write_text(out_dir / "results.md", f"# sweep {plan['sweep']}: {metric} ({goal}), best first\n\n"
+               + "\n".join(lines) + "\n", "sweep results")
     return rows
+
+
+def _summary(path: Path) -> dict:
+    """A trial's summary.json, or {} when it is missing or not a summary (a damaged file is not run)."""
+    try:
+        done = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return done if isinstance(done, dict) else {}
 
 
 def run_local(path: str | Path, out_dir: str | Path, trials: int | None = None, seed: int = 0,
