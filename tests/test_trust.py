@@ -409,10 +409,10 @@ def test_eval_limit_on_a_remote_root_does_not_size_by_the_manifest(trained, spri
 
     def claim(m):
         shard = m["splits"]["test"]["shards"][0]
-        shard.update(num_samples=10**12, bytes=10**12 * 64 * 64)
+        shard.update(num_samples=10**11, bytes=10**11 * 64 * 64)  # a 100 GB mask before
         m["splits"]["test"]["num_samples"] = sum(s["num_samples"] for s in m["splits"]["test"]["shards"])
     edit_manifest(root, claim)
     proc = vaepipe("eval", trained, "--k", "2", "--limit", "5", "--data-root", f"pipe:cat {root}/{{name}}",
                    check=False, timeout=300)
-    assert proc.returncode in (0, 2) and "Traceback" not in proc.stderr and "MemoryError" not in proc.stderr, \
-        proc.stderr[-2000:]
+    # the 5 drawn examples lie beyond the 128 the stream really holds: nothing to evaluate, said in one line
+    one_line_error(proc, "no examples")
