@@ -52,6 +52,16 @@ def _sizes(text: str | None) -> dict | None:
         raise argparse.ArgumentTypeError(f"--sizes wants e.g. train=1000,val=100,test=100, got {text!r}") from None
 
 
+def _box(text: str) -> tuple[int, int, int, int]:
+    try:
+        box = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4 or not (0 <= box[0] < box[2] and 0 <= box[1] < box[3]):
+        raise argparse.ArgumentTypeError(f"--crop wants x0,y0,x1,y1 with x0 < x1 and y0 < y1, got {text!r}")
+    return box
+
+
 def _array_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--trials", type=int, required=True, help="number of trials (array tasks)")
     q.add_argument("--parallel", type=int, help="at most this many trials at once (array %%P)")
@@ -78,6 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if a manifest exists, or write beside files vaepipe "
                    "did not write (removes only the files its own manifest names; never overwrites others)")
     p.add_argument("--verify", action="store_true", help="only check existing shards against the manifest")
+    g = p.add_argument_group("images (a folder, glob, .zip or .tar of JPEG/PNG/WebP/BMP/TIFF files; docs/data.md)")
+    g.add_argument("--size", type=_at_least(1), help="resize the shorter side to S, centre-crop S x S")
+    g.add_argument("--crop", type=_box, help="x0,y0,x1,y1: crop this box first (CelebA-64: 15,40,163,188)")
+    g.add_argument("--channels", type=int, choices=(1, 3), default=3, help="1: grey, 3: RGB (default)")
+    g.add_argument("--val", type=_at_least(0), help="validation images held out by --seed (default: a tenth; "
+                   "with train/ and test/ folders, a tenth of train/, at most 5000)")
+    g.add_argument("--test", type=_at_least(0), help="test images held out by --seed (default: a tenth)")
+    g.add_argument("--workers", type=_at_least(0), default=0, help="decoding processes (the shards are the same "
+                   "for any number)")
+    g.add_argument("--on-error", choices=("skip", "stop"), default="skip",
+                   help="an unreadable image: skipped, counted and named (default), or stop")
 
     p = sub.add_parser("fit", help="train a model (prepares missing shards first)")
     _config_args(p)
@@ -177,8 +198,10 @@ def run(args: argparse.Namespace) -> int:
             problems = verify(args.out)
             print("\n".join(problems) if problems else f"{args.out}: all shards match the manifest")
             return 1 if problems else 0
+        images = {"size": args.size, "crop": args.crop, "channels": args.channels, "val": args.val, "test": args.test,
+                  "workers": args.workers, "on_error": args.on_error} if args.name == "images" else None
         prepare(args.name, args.out, source=args.source, seed=args.seed, sizes=args.sizes,
-                shard_bytes=args.shard_bytes, shard_samples=args.shard_samples, force=args.force)
+                shard_bytes=args.shard_bytes, shard_samples=args.shard_samples, force=args.force, images=images)
     elif args.command == "submit":
         from pipeline.launch.slurm import submit
 

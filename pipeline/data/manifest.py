@@ -105,11 +105,13 @@ def check_manifest(manifest, where: str) -> dict:
     scale = manifest.get("scale")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ManifestError(f"{where}: scale {scale!r} is not a positive number (1/255 for uint8 pixels, 1 for floats)")
-    for key, kind in (("name", str), ("source", str), ("binary", bool), ("factor_names", list), ("factor_sizes", list)):
+    for key, kind in (("name", str), ("source", str), ("binary", bool), ("factor_names", list), ("factor_sizes", list),
+                      ("classes", list), ("images", dict)):
         if manifest.get(key) is not None:
             _kind(manifest[key], kind, f"{where}: {key}", f"expected {kind.__name__}")
     for i, size in enumerate(manifest.get("factor_sizes") or []):
         _int(size, f"{where}: factor_sizes[{i}]", 1, 1 << 20)
-    if not all(isinstance(n, str) for n in manifest.get("factor_names") or []):
-        raise ManifestError(f"{where}: factor_names must be strings")
+    for key in ("factor_names", "classes"):
+        if not all(isinstance(n, str) for n in manifest.get(key) or []):
+            raise ManifestError(f"{where}: {key} must be strings")
     return manifest

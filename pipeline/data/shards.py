@@ -28,7 +28,7 @@ import numpy as np
 import webdataset as wds
 import xxhash
 
-from pipeline.data.sources import SourceData, load_source
+from pipeline.data.sources import load_source
 from pipeline.data.manifest import SPLITS, check_manifest
 from pipeline.errors import ManifestError, ShardError  # noqa: F401 - re-exported: raised by the loader and location
 
@@ -64,46 +64,91 @@ def write_json_atomic(obj: dict, path: Path) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n", "manifest")
 
 
-def record_bounds(n: int, per_record: int, shard_samples: int) -> list[tuple[int, int]]:
-    """[start, end) of each record: `per_record` samples, never crossing a `shard_samples` boundary."""
-    step = shard_samples if shard_samples > 0 else n or 1
-    return [(r, min(r + per_record, start + step, n)) for start in range(0, n, step)
-            for r in range(start, min(start + step, n), per_record)]
+class SplitWriter:
+    """One split's shards, written from chunks of samples as they come (a whole array, or an image
+    stream a window at a time): records of `per_record` consecutive samples that never cross a
+    `shard_samples` boundary, each shard closed at `shard_bytes`. Holds at most one record."""
+
+    def __init__(self, split: str, out: Path, shard_bytes: int, shard_samples: int,
+                 per_record: int = SAMPLES_PER_RECORD):
+        self.split, self.out, self.shard_bytes, self.shard_samples = split, out, shard_bytes, shard_samples
+        self.per_record = min(per_record, shard_samples) if shard_samples > 0 else per_record
+        self.pattern = f"{split}-%06d.tar"
+        self.sink = None  # opened at the first record: an empty split writes no file
+        self.pending: list[dict] = []
+        self.have = self.written = 0
+        self.shape = self.dtype = None
+        self.counts: dict[int, int] = {}
+        self.checksums: dict[int, list[str]] = {}
+
+    def add(self, chunk: dict) -> None:
+        """chunk: {"x": [n, *shape], "y": [n] (optional), "factors": [n, F] (optional)}."""
+        x = chunk["x"]
+        if self.shape is None:
+            self.shape, self.dtype = tuple(x.shape[1:]), x.dtype
+        elif tuple(x.shape[1:]) != self.shape or x.dtype != self.dtype:
+            raise ValueError(f"split {self.split}: samples of {x.dtype} {tuple(x.shape[1:])} after {self.dtype} {self.shape}")
+        if len(x):
+            self.pending.append({k: v for k, v in chunk.items() if v is not None})
+            self.have += len(x)
+        while self.have >= self._next_size():
+            self._emit(self._next_size())
+
+    def _next_size(self) -> int:
+        if self.shard_samples > 0:
+            return min(self.per_record, self.shard_samples - self.written % self.shard_samples)
+        return self.per_record
+
+    def _emit(self, m: int) -> None:
+        joined = {k: np.concatenate([c[k] for c in self.pending]) if len(self.pending) > 1 else self.pending[0][k]
+                  for k in self.pending[0]}
+        head = {k: v[:m] for k, v in joined.items()}
+        rest = {k: v[m:] for k, v in joined.items()}
+        self.pending, self.have = ([rest] if self.have > m else []), self.have - m
+        record = {"__key__": f"{self.split}-{self.written:08d}", "x.bin": np.ascontiguousarray(head["x"]).tobytes()}
+        if "y" in head:
+            record["y.bin"] = np.ascontiguousarray(head["y"], dtype=np.int64).tobytes()
+        if "factors" in head:
+            record["factors.bin"] = np.ascontiguousarray(head["factors"], dtype=np.int64).tobytes()
+        if self.sink is None:
+            maxcount = -(-self.shard_samples // self.per_record) if self.shard_samples > 0 else 10**12
+            # mtime fixed: the same samples make the same bytes (sha256), whenever and however prepared
+            self.sink = wds.ShardWriter(str(self.out / self.pattern), maxsize=self.shard_bytes, maxcount=maxcount,
+                                        verbose=0, mtime=0)
+        self.sink.write(record)
+        # ShardWriter numbers shards from 0 and has already advanced `shard` past the open one.
+        shard = self.sink.shard - 1
+        self.counts[shard] = self.counts.get(shard, 0) + m
+        self.checksums.setdefault(shard, []).append(record_checksum(record))
+        self.written += m
+
+    def close(self, shape_hint=None, dtype_hint=None) -> dict:
+        """Write what is left; the split's manifest entry. An empty split takes its shape from the hint."""
+        while self.have:
+            self._emit(min(self.have, self._next_size()))
+        if self.sink is not None:
+            self.sink.close()
+        shards = [self.out / (self.pattern % i) for i in sorted(self.counts)]
+        shape = self.shape if self.shape is not None else tuple(shape_hint or ())
+        return {
+            "num_samples": int(self.written),
+            "shape": list(shape),
+            "dtype": str(self.dtype if self.dtype is not None else np.dtype(dtype_hint or "float32")),
+            "samples_per_record": self.per_record,
+            "shards": [
+                {"name": p.name, "num_samples": self.counts[i], "bytes": p.stat().st_size, "sha256": sha256_file(p),
+                 "records": self.checksums[i]}
+                for p, i in zip(shards, sorted(self.counts))
+            ],
+        }
 
 
 def write_split(split: str, arrays, out: Path, shard_bytes: int, shard_samples: int,
                 per_record: int = SAMPLES_PER_RECORD) -> dict:
-    """Write one split's shards; return its manifest entry."""
-    x = np.ascontiguousarray(arrays.x)
-    if shard_samples > 0:
-        per_record = min(per_record, shard_samples)
-    maxcount = -(-shard_samples // per_record) if shard_samples > 0 else 10**12  # records per shard
-    pattern = f"{split}-%06d.tar"
-    counts: dict[int, int] = {}
-    checksums: dict[int, list[str]] = {}
-    with wds.ShardWriter(str(out / pattern), maxsize=shard_bytes, maxcount=maxcount, verbose=0) as sink:
-        for a, b in record_bounds(len(x), per_record, shard_samples):
-            record = {"__key__": f"{split}-{a:08d}", "x.bin": x[a:b].tobytes()}
-            if arrays.y is not None:
-                record["y.bin"] = np.ascontiguousarray(arrays.y[a:b], dtype=np.int64).tobytes()
-            if arrays.factors is not None:
-                record["factors.bin"] = np.ascontiguousarray(arrays.factors[a:b], dtype=np.int64).tobytes()
-            sink.write(record)
-            # ShardWriter numbers shards from 0 and has already advanced `shard` past the open one.
-            counts[sink.shard - 1] = counts.get(sink.shard - 1, 0) + (b - a)
-            checksums.setdefault(sink.shard - 1, []).append(record_checksum(record))
-    shards = [out / (pattern % i) for i in sorted(counts)]
-    return {
-        "num_samples": int(len(x)),
-        "shape": list(x.shape[1:]),
-        "dtype": str(x.dtype),
-        "samples_per_record": per_record,
-        "shards": [
-            {"name": p.name, "num_samples": counts[i], "bytes": p.stat().st_size, "sha256": sha256_file(p),
-             "records": checksums[i]}
-            for p, i in zip(shards, sorted(counts))
-        ],
-    }
+    """Write one split held in memory (SplitArrays); return its manifest entry."""
+    writer = SplitWriter(split, out, shard_bytes, shard_samples, per_record)
+    writer.add({"x": arrays.x, "y": arrays.y, "factors": arrays.factors})
+    return writer.close()
 
 
 LOCK = ".prepare.lock"
@@ -145,7 +190,8 @@ def _open_lock(out: Path) -> int:
 
 
 def prepare(name: str, out: str | Path, source: str | None = None, seed: int = 0, sizes: dict | None = None,
-            shard_bytes: int = 64_000_000, shard_samples: int = 0, force: bool = False, log=print) -> dict:
+            shard_bytes: int = 64_000_000, shard_samples: int = 0, force: bool = False, log=print,
+            images: dict | None = None) -> dict:
     """Build shards + manifest for data set `name` in `out`. The shards are written into a staging
     folder inside `out` and moved in once all are written (listed first in a journal), the manifest
     last: a folder with a manifest is complete, and an interrupted prepare is simply run again.
@@ -185,10 +231,24 @@ def prepare(name: str, out: str | Path, source: str | None = None, seed: int = 0
                                   "did not write (no manifest or journal of it lists them) and would overwrite with its "
                                   "own files of that name: move them, or prepare into another folder (left from a prepare "
                                   "whose manifest is gone? remove them yourself)")
-        return _prepare_locked(name, out, source, seed, sizes, shard_bytes, shard_samples, ours, log)
+        return _prepare_locked(name, out, source, seed, sizes, shard_bytes, shard_samples, ours, log, images)
 
 
-def _prepare_locked(name, out: Path, source, seed, sizes, shard_bytes, shard_samples, ours: set, log) -> dict:
+def open_source(name: str, source, seed: int, sizes, images: dict | None, log):
+    """SourceData (arrays in memory) or, for `images`, an ImageData streamed a window at a time."""
+    if name != "images":
+        return load_source(name, source, seed=seed, sizes=sizes)
+    from pipeline.data.image_source import ImageData, ImageOptions
+
+    if source is None:
+        raise FileNotFoundError("images need --source: a folder, a glob, a .zip or a .tar of image files")
+    if sizes:
+        raise ValueError("--sizes does not apply to images: --val N --test N hold images out")
+    return ImageData(str(source), ImageOptions(**(images or {})), seed=seed, log=log)
+
+
+def _prepare_locked(name, out: Path, source, seed, sizes, shard_bytes, shard_samples, ours: set, log,
+                    images=None) -> dict:
     t0 = time.time()
     for stale in filter(_is_staging, out.glob(STAGING + "*")):  # an interrupted prepare's: our shard names only
         for f in stale.iterdir():
@@ -198,7 +258,7 @@ def _prepare_locked(name, out: Path, source, seed, sizes, shard_bytes, shard_sam
             stale.rmdir()
     # The source is read (and checked) before anything is removed: a rebuild with a wrong --source or
     # --sizes fails with the old data set intact.
-    data: SourceData = load_source(name, source, seed=seed, sizes=sizes)
+    data = open_source(name, source, seed, sizes, images, log)
     staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))  # new, 0700: nothing planted inside
     manifest = {
         "format_version": FORMAT_VERSION, "name": name, "source": source, "seed": seed,
@@ -206,11 +266,25 @@ def _prepare_locked(name, out: Path, source, seed, sizes, shard_bytes, shard_sam
         "factor_names": data.factor_names, "factor_sizes": data.factor_sizes,
         "splits": {},
     }
-    for split in SPLITS:
-        entry = write_split(split, data.splits[split], staging, shard_bytes, shard_samples)
-        manifest["splits"][split] = entry
-        log(f"  {split:5s}: {entry['num_samples']:7d} samples of shape {tuple(entry['shape'])} {entry['dtype']} "
-            f"in {len(entry['shards'])} shard(s)")
+    try:
+        first = None  # an empty split takes the first one's sample shape
+        for split in SPLITS:
+            writer = SplitWriter(split, staging, shard_bytes, shard_samples)
+            for chunk in data.chunks(split):
+                writer.add(chunk)
+            entry = writer.close(*(first or (None, None)))
+            first = first or ((entry["shape"], entry["dtype"]) if entry["num_samples"] else None)
+            manifest["splits"][split] = entry
+            log(f"  {split:5s}: {entry['num_samples']:7d} samples of shape {tuple(entry['shape'])} {entry['dtype']} "
+                f"in {len(entry['shards'])} shard(s)")
+    except BaseException:
+        for f in staging.iterdir():  # ours, in our new 0700 folder: nothing half-written is left
+            f.unlink()
+        staging.rmdir()
+        raise
+    finally:
+        data.close()
+    manifest.update(data.manifest_fields())
     # The journal first (what is about to be ours), then the manifest goes (a folder without one is
     # incomplete), then only our old shard files, then the new shards move in, the manifest last.
     new = sorted(f.name for f in staging.iterdir())

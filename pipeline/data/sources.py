@@ -17,7 +17,8 @@ from numpy.lib import format as npy_format
 from pipeline.data.arrays import check_declared, load_npy, npz_declared, npz_member, one_line
 
 SPLITS = ("train", "val", "test")
-SOURCE_NAMES = ("sprites", "gmm", "mnist", "binarized-mnist", "frey", "npz")
+# "images" is a streamed source (data/image_source.py), not loaded whole by load_source
+SOURCE_NAMES = ("sprites", "gmm", "mnist", "binarized-mnist", "frey", "npz", "images")
 
 
 @dataclass
@@ -34,6 +35,17 @@ class SourceData:
     binary: bool                        # True when x is already in {0,1}
     factor_names: list[str] | None = None
     factor_sizes: list[int] | None = None
+
+    def chunks(self, split: str):
+        """The split as prepare() writes it: here one chunk, the whole array (data/image_source.py streams)."""
+        a = self.splits[split]
+        yield {"x": a.x, "y": a.y, "factors": a.factors}
+
+    def manifest_fields(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
 
 
 def _split_rngs(seed):
