@@ -14,7 +14,7 @@ import torch
 
 from pipeline.data.shards import prepare
 from pipeline.data.stream import make_loader
-from tests.conftest import FAST, vaepipe
+from tests.conftest import FAST, SHARED_DATA, needs_shared, vaepipe
 
 CLASSES = ("circle", "square")
 
@@ -129,3 +129,23 @@ def test_grey_crop_and_fit_on_prepared_images(tmp_path):
                   "data.batch_size=16", "trainer.max_steps=6", "model.eval_k=2", "logger.image_every_n_epochs=0",
                   *FAST).stdout
     assert "done at step 6" in out
+
+
+@needs_shared
+def test_cifar10_zip_end_to_end(tmp_path):
+    """The real CIFAR-10 zip (60 000 JPEGs in cifar10/{train,test}/<class>/), read in place: the
+    standard split (5 000 of train held out for validation), then a short fit and an eval on it."""
+    source = SHARED_DATA / "cifar10" / "cifar10-jpeg.zip"
+    if not source.is_file():
+        pytest.skip(f"{source} absent")
+    vaepipe("prepare", "images", "--source", source, "--out", tmp_path / "cifar10", "--workers", "2")
+    manifest = json.loads((tmp_path / "cifar10" / "manifest.json").read_text())
+    assert {s: e["num_samples"] for s, e in manifest["splits"].items()} == {"train": 45000, "val": 5000, "test": 10000}
+    assert manifest["classes"][:3] == ["airplane", "automobile", "bird"] and manifest["images"]["skipped"] == 0
+    assert manifest["splits"]["test"]["shape"] == [3, 32, 32]
+    run = tmp_path / "run"
+    vaepipe("fit", f"data.root={tmp_path / 'cifar10'}", "data.name=images", f"run.dir={run}", "model.arch=mlp",
+            "model.hidden=[64]", "model.latent_dim=8", "model.likelihood=gaussian", "trainer.max_steps=20",
+            "trainer.val_check_interval=20", "model.eval_k=2", "logger.image_every_n_epochs=0", "run.test=false", *FAST)
+    result = json.loads(vaepipe("eval", run, "--k", "4", "--limit", "50", "--json").stdout)
+    assert result["examples"] == 50 and np.isfinite(result["nll"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob as globlib
 import io
 import multiprocessing
+import os
 import sys
 import tarfile
 import zipfile
@@ -60,7 +61,8 @@ class Collection:
         self._zip = self._tar = None
         if path.is_dir():
             self.kind, root = "folder", path
-            self.names = sorted(str(p.relative_to(root)) for p in root.rglob("*") if _is_image(p.name) and p.is_file())
+            self.names = sorted(os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/")
+                                for d, _, files in os.walk(root) for f in files if _is_image(f))
             self._root = root
         elif path.is_file() and zipfile.is_zipfile(path):
             self.kind = "zip"
@@ -111,51 +113,64 @@ def _is_image(name: str) -> bool:
     return not base.startswith(".") and base.lower().endswith(IMAGE_SUFFIXES)
 
 
-def plan_splits(names: list[str], opts: ImageOptions, seed: int) -> tuple[dict, list[str] | None]:
-    """({split: [(name, label or -1)]}, class names or None) from the folder layout (module doc).
-    Held out by the seed: `opts.val` / `opts.test` images (default a tenth of the set each; with
-    train/ and test/ folders but no val/, a tenth of train/, at most 5000, as for CIFAR-10)."""
-    parts = [n.replace("\\", "/").split("/") for n in names]
-    common = 0  # folders every name shares (`cifar10/` in cifar10/train/cat/1.jpg)
-    while all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1:
-        common += 1
-    parts = [p[common:] for p in parts]
-    by_folder = all(len(p) > 1 and p[0].lower() in SPLIT_FOLDERS for p in parts)
-    rest = [p[1:] for p in parts] if by_folder else parts
-    labelled = all(len(r) > 1 for r in rest)
-    classes = sorted({r[0] for r in rest}) if labelled else None
-    index = {c: i for i, c in enumerate(classes or [])}
-    items = [(name, index[r[0]] if labelled else -1) for name, r in zip(names, rest)]
+SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
+
+
+def _common_depth(names: list[str]) -> int:
+    """Folders every name shares (`cifar10/` in cifar10/train/cat/1.jpg)."""
+    first = names[0].split("/")[:-1]
+    depth = len(first)
+    for name in names:
+        parts = name.split("/")
+        d = 0
+        while d < depth and d < len(parts) - 1 and parts[d] == first[d]:
+            d += 1
+        depth = d
+    return depth
+
+
+def plan_splits(names: list[str], opts: ImageOptions, seed: int):
+    """(splits {split: indices into `names`, in name order}, labels [N] or None, class names or None)
+    from the folder layout (module doc). Held out by the seed: `opts.val` / `opts.test` images
+    (default a tenth of the set each; with train/ and test/ folders but no val/, a tenth of train/, at
+    most 5000, as for CIFAR-10). Arrays, not per-image objects: memory stays small with the set."""
+    common = _common_depth(names)
+    by_folder = all(len(p := name.split("/")[common:]) > 1 and p[0].lower() in SPLIT_FOLDERS for name in names)
+    split_of, provisional, seen, labelled = np.zeros(len(names), np.int8), np.zeros(len(names), np.int64), {}, True
+    for i, name in enumerate(names):
+        parts = name.split("/")[common:]
+        if by_folder:
+            split_of[i], parts = SPLIT_INDEX[SPLIT_FOLDERS[parts[0].lower()]], parts[1:]
+        if len(parts) > 1:
+            provisional[i] = seen.setdefault(parts[0], len(seen))
+        else:
+            labelled = False
+    classes = sorted(seen) if labelled else None
+    labels = np.argsort(np.argsort(list(seen)))[provisional] if labelled else None  # ids in class-name order
     if by_folder:
-        splits = {s: [] for s in ("train", "val", "test")}
-        for item, p in zip(items, parts):
-            splits[SPLIT_FOLDERS[p[0].lower()]].append(item)
+        splits = {split: np.flatnonzero(split_of == k) for split, k in SPLIT_INDEX.items()}
         if opts.test is not None and opts.test != len(splits["test"]):
             raise ValueError(f"--test {opts.test}: the source has its own test/ folder ({len(splits['test'])} images)")
-        if splits["val"]:
+        if len(splits["val"]):
             if opts.val is not None and opts.val != len(splits["val"]):
                 raise ValueError(f"--val {opts.val}: the source has its own val/ folder ({len(splits['val'])} images)")
-            return splits, classes
+            return splits, labels, classes
         val = min(len(splits["train"]) // 10, 5000) if opts.val is None else opts.val
-        held = _hold_out(splits["train"], {"val": val}, seed)
-        return {**held, "test": splits["test"]}, classes
-    val = len(items) // 10 if opts.val is None else opts.val
-    test = len(items) // 10 if opts.test is None else opts.test
-    return _hold_out(items, {"val": val, "test": test}, seed), classes
+        return {**_hold_out(splits["train"], {"val": val}, seed), "test": splits["test"]}, labels, classes
+    val = len(names) // 10 if opts.val is None else opts.val
+    test = len(names) // 10 if opts.test is None else opts.test
+    return _hold_out(np.arange(len(names)), {"val": val, "test": test}, seed), labels, classes
 
 
-def _hold_out(items: list, sizes: dict, seed: int) -> dict:
-    """`items` split into train and the held-out splits of `sizes`, drawn by the seed; each in name order."""
-    if sum(sizes.values()) >= len(items):
+def _hold_out(indices: np.ndarray, sizes: dict, seed: int) -> dict:
+    """`indices` split into train and the held-out splits of `sizes`, drawn by the seed; each sorted."""
+    if sum(sizes.values()) >= len(indices):
         raise ValueError(f"holding out {' and '.join(f'{n} for {s}' for s, n in sizes.items())} leaves no training "
-                         f"images of the {len(items)} found")
-    perm, start, out = np.random.default_rng(seed).permutation(len(items)), 0, {}
-    taken = set()
+                         f"images of the {len(indices)} found")
+    perm, start, out = np.random.default_rng(seed).permutation(len(indices)), 0, {}
     for split, n in sizes.items():
-        chosen = sorted(perm[start:start + n].tolist())
-        out[split], start = [items[i] for i in chosen], start + n
-        taken.update(chosen)
-    out["train"] = [item for i, item in enumerate(items) if i not in taken]
+        out[split], start = indices[np.sort(perm[start:start + n])], start + n
+    out["train"] = np.delete(indices, perm[:start])
     return out
 
 
@@ -204,16 +219,17 @@ class Decoder:
 WINDOW = 256  # images decoded per window and worker: bounded memory, pool kept busy
 
 
-def image_chunks(collection: Collection, items: list[tuple[str, int]], opts: ImageOptions, decoder: Decoder,
-                 failures: ImageFailures, progress=None, labelled: bool = True):
-    """The split's samples as chunks {"x": [n, C, S, S] uint8, "y": [n]}, in `items` order."""
+def image_chunks(collection: Collection, indices: np.ndarray, labels: np.ndarray | None, opts: ImageOptions,
+                 decoder: Decoder, failures: ImageFailures, progress=None):
+    """The split's samples as chunks {"x": [n, C, S, S] uint8, "y": [n]}, in `indices` order."""
     window = WINDOW * max(1, opts.workers)
     shape = None
-    for start in range(0, len(items), window):
-        part = items[start:start + window]
-        results = decoder.map([(collection.read(name), opts) for name, _ in part])
+    for start in range(0, len(indices), window):
+        part = indices[start:start + window].tolist()
+        results = decoder.map([(collection.read(collection.names[i]), opts) for i in part])
         xs, ys = [], []
-        for (name, label), (arr, why) in zip(part, results):
+        for i, (arr, why) in zip(part, results):
+            name = collection.names[i]
             if arr is not None and shape is not None and arr.shape != shape:
                 why, arr = f"{arr.shape[2]}x{arr.shape[1]}, not {shape[2]}x{shape[1]} as the first image: pass --size", None
                 if opts.size is None:
@@ -225,15 +241,15 @@ def image_chunks(collection: Collection, items: list[tuple[str, int]], opts: Ima
                 continue
             shape = shape or arr.shape
             xs.append(arr)
-            ys.append(label)
+            if labels is not None:
+                ys.append(labels[i])
         if progress is not None:
             progress.update(len(part))
         if xs:
             chunk = {"x": np.stack(xs)}
-            if labelled:
+            if labels is not None:
                 chunk["y"] = np.asarray(ys, dtype=np.int64)
             yield chunk
-
 
 
 class ImageData:
@@ -245,12 +261,12 @@ class ImageData:
     def __init__(self, source: str, opts: ImageOptions, seed: int = 0, log=print):
         self.opts, self.log = opts, log
         self.collection = Collection(source)
-        self.items, self.classes = plan_splits(self.collection.names, opts, seed)
+        self.items, self.labels, self.classes = plan_splits(self.collection.names, opts, seed)
         self.failures = ImageFailures()
         total = sum(len(v) for v in self.items.values())
         log(f"  {total} images in {self.collection.kind} {source}: " + ", ".join(
-            f"{s} {len(v)}" for s, v in self.items.items()) + (f"; {len(self.classes)} classes" if self.classes else
-                                                              "; no class folders"))
+            f"{s} {len(self.items[s])}" for s in ("train", "val", "test"))
+            + (f"; {len(self.classes)} classes" if self.classes else "; no class folders"))
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, unit="img", desc="decoding", file=sys.stderr, mininterval=1.0, smoothing=0.1,
@@ -258,8 +274,8 @@ class ImageData:
         self.decoder = Decoder(opts.workers)
 
     def chunks(self, split: str):
-        yield from image_chunks(self.collection, self.items[split], self.opts, self.decoder, self.failures, self.bar,
-                                labelled=self.classes is not None)
+        yield from image_chunks(self.collection, self.items[split], self.labels, self.opts, self.decoder,
+                                self.failures, self.bar)
 
     def manifest_fields(self) -> dict:
         options = {"size": self.opts.size, "crop": list(self.opts.crop) if self.opts.crop else None,
