@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.checkpoints import load_checkpoint
 from pipeline.data.shards import prepare
 from pipeline.data.stream import make_loader
 from tests.conftest import FAST, SHARED_DATA, needs_shared, vaepipe
@@ -149,3 +150,20 @@ def test_cifar10_zip_end_to_end(tmp_path):
             "trainer.val_check_interval=20", "model.eval_k=2", "logger.image_every_n_epochs=0", "run.test=false", *FAST)
     result = json.loads(vaepipe("eval", run, "--k", "4", "--limit", "50", "--json").stdout)
     assert result["examples"] == 50 and np.isfinite(result["nll"])
+
+
+def test_resident_when_it_fits_streamed_when_not_same_run(tmp_path):
+    """An image set small enough is held on the device (data.resident=auto), a small budget streams it
+    from the shards: the same global order, the same weights."""
+    folder = shapes_folder(tmp_path / "shapes", n_per_class=40)
+    vaepipe("prepare", "images", "--source", folder, "--out", tmp_path / "data", "--size", "12", "--val", "8")
+    runs = {}
+    for name, budget in (("resident", "0"), ("streamed", "0.00001")):
+        runs[name] = tmp_path / name
+        out = vaepipe("fit", f"data.root={tmp_path / 'data'}", "data.name=images", f"run.dir={runs[name]}",
+                      "model.arch=mlp", "model.hidden=[32]", "model.latent_dim=2", "model.likelihood=gaussian",
+                      "data.batch_size=16", "trainer.max_steps=9", "trainer.max_epochs=-1", "model.eval_k=0",
+                      "logger.image_every_n_epochs=0", "run.test=false", f"data.resident_max_gb={budget}", *FAST).stdout
+        assert ("train split resident" in out) == (name == "resident") and ("streaming" in out) == (name == "streamed")
+    a, b = (load_checkpoint(runs[n] / "checkpoints/last.ckpt")["state_dict"] for n in ("resident", "streamed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
