@@ -100,6 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--on-error", choices=("skip", "stop"), default="skip",
                    help="an unreadable image: skipped, counted and named (default), or stop")
 
+    p = sub.add_parser("index", help="describe standard WebDataset shards (webdataset, img2dataset) as they are, "
+                                     "with a manifest written elsewhere (docs/data.md)")
+    p.add_argument("shards", help="a folder (train-*, val-*, test-* shards split by name), a brace pattern "
+                   "(data/{00000..00009}.tar), an http(s) URL pattern, or a pipe: command with {name}")
+    p.add_argument("--out", required=True, help="folder for manifest.json (the shards are never written to)")
+    p.add_argument("--val", help="validation shards (default: a folder's val-* shards, else the last train shard)")
+    p.add_argument("--test", help="test shards (default: a folder's test-* shards, else none)")
+    p.add_argument("--names", help="with a pipe: command, the shard names as a brace pattern")
+    p.add_argument("--size", type=_at_least(1), help="resize the shorter side to S, centre-crop S x S (in the loader)")
+    p.add_argument("--crop", type=_box, help="x0,y0,x1,y1: crop this box first")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=3)
+    p.add_argument("--on-error", choices=("skip", "stop"), default="skip",
+                   help="a record without a readable image: left out and named (default), or stop")
+    p.add_argument("--force", action="store_true", help="replace an existing manifest in --out")
+
     p = sub.add_parser("fit", help="train a model (prepares missing shards first)")
     _config_args(p)
 
@@ -202,6 +217,15 @@ def run(args: argparse.Namespace) -> int:
                   "workers": args.workers, "on_error": args.on_error} if args.name == "images" else None
         prepare(args.name, args.out, source=args.source, seed=args.seed, sizes=args.sizes,
                 shard_bytes=args.shard_bytes, shard_samples=args.shard_samples, force=args.force, images=images)
+    elif args.command == "index":
+        from braceexpand import braceexpand
+
+        from pipeline.data.image_source import ImageOptions
+        from pipeline.data.index import index
+
+        opts = ImageOptions(size=args.size, crop=args.crop, channels=args.channels, on_error=args.on_error)
+        index(args.shards, args.out, val=args.val, test=args.test, opts=opts, force=args.force,
+              names=list(braceexpand(args.names)) if args.names else None)
     elif args.command == "submit":
         from pipeline.launch.slurm import submit
 

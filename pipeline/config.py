@@ -53,6 +53,7 @@ class ModelConfig:
 class DataConfig:
     name: str = "sprites"  # sprites | gmm | mnist | binarized-mnist | frey | npz
     root: str = "data/${data.name}"  # folder with the shards and manifest.json
+    shards: Optional[str] = None  # where shards indexed by `vaepipe index` are, instead of the manifest's roots (a pipe: one must be given here)
     source: Optional[str] = None  # raw input for `prepare` (mnist folder, npz/npy file)
     prepare: bool = True  # `fit` prepares missing shards (generated sources, or with `source`)
     batch_size: int = 64

@@ -79,7 +79,7 @@ class ShardDataModule(pl.LightningDataModule):
                  device: torch.device | str = "cpu", limit_train_batches=None, log=print):
         super().__init__()
         self.cfg, self.seed, self.log_fn = data_cfg, seed, log
-        self.manifest = load_manifest(data_cfg.root)
+        self.manifest = load_manifest(data_cfg.root, data_cfg.get("shards"))
         self.world_hint, self.device_hint, self.limit = world_size, torch.device(device), limit_train_batches
         self.resident = self._choose_resident()
         self._resume: dict | None = None  # this rank's saved position, until its epoch's calls are built

@@ -45,6 +45,20 @@ def shard_url(root: str, name: str) -> str:
     return os.path.join(os.path.abspath(root), name)
 
 
+def shards_base(root: str, entry: dict) -> str:
+    """Where a split's shards are: beside the manifest, or, for shards indexed where they lie
+    (`vaepipe index`, data/index.py), the split's `root` in the manifest: a local folder or an
+    http(s) URL. A `pipe:` root there is a command named by a shared file: used only when the user
+    gave it (data.shards, which load_manifest puts in place)."""
+    base = entry.get("root")
+    if base is None:
+        return str(root)
+    if base.startswith("pipe:") and not entry.get("_given"):
+        raise ShardError(f"the manifest in '{root}' says its shards come from a shell command ({base[:120]!r}); vaepipe "
+                         "runs no command named by a manifest: pass data.shards='pipe:...{name}...' yourself")
+    return base
+
+
 def data_root_for(stored: str, given: str | None, what: str = "--data-root") -> str:
     """The data root a command reads: the one the user gave (`--data-root`), else the one stored in
     a checkpoint's config, but only when that is a local folder. A stored `pipe:` command or URL is
@@ -61,10 +75,22 @@ def data_root_for(stored: str, given: str | None, what: str = "--data-root") -> 
     return stored
 
 
-def load_manifest(root: str) -> dict:
+def load_manifest(root: str, shards: str | None = None) -> dict:
     """The manifest next to the shards, wherever they are, checked against the schema
-    (data/manifest.py); errors name the location."""
+    (data/manifest.py); errors name the location. `shards` (data.shards, the user's): where the
+    shards of an indexed manifest are, instead of the roots it names."""
     root = str(root)
+    manifest = _load_manifest(root)
+    if shards:
+        for entry in manifest["splits"].values():
+            if "root" not in entry:
+                raise ShardError(f"data.shards is for shards indexed by `vaepipe index`; the manifest in '{root}' "
+                                 "lists its own shards beside it")
+            entry["root"], entry["_given"] = str(shards), True
+    return manifest
+
+
+def _load_manifest(root: str) -> dict:
     if not is_remote(root):
         return read_manifest(root)
     try:
@@ -96,6 +122,7 @@ def load_manifest(root: str) -> dict:
 def check_local_shards(root: str, entry: dict) -> None:
     """Before reading: every local shard exists with the manifest's size (remote ones are checked
     as they stream: a failed or truncated download raises ShardError naming the URL)."""
+    root = shards_base(root, entry)
     if is_remote(str(root)):
         return
     for shard in entry["shards"]:

@@ -65,6 +65,12 @@ def check_split(entry, where: str, names: set) -> None:
     sample_bytes = math.prod(shape) * (1 if entry["dtype"] == "uint8" else 4)
     if "samples_per_record" in entry:
         _int(entry["samples_per_record"], f"{where}.samples_per_record", 1, 1 << 20)
+    indexed = "root" in entry  # standard shards described where they lie (data/index.py): encoded images
+    if indexed:
+        _kind(entry["root"], str, f"{where}.root", "expected the shards' folder or URL")
+        _int(entry.get("max_record_bytes", 0), f"{where}.max_record_bytes", 0, 1 << 30)
+        if entry.get("label") not in (None, "cls"):
+            raise ManifestError(f"{where}.label: {str(entry['label'])[:40]!r}; vaepipe reads labels from .cls")
     total = 0
     for i, shard in enumerate(_kind(entry["shards"], list, f"{where}.shards", "expected a list of shards")):
         at = f"{where}.shards[{i}]"
@@ -77,13 +83,19 @@ def check_split(entry, where: str, names: set) -> None:
             raise ManifestError(f"{at}.name: {name!r} is listed twice")
         names.add(name)
         n, size = _int(shard["num_samples"], f"{at}.num_samples"), _int(shard["bytes"], f"{at}.bytes", 0, 1 << 50)
-        if n * sample_bytes > size:  # the shard holds its samples' raw bytes (and tar headers)
+        if not indexed and n * sample_bytes > size:  # the shard holds its samples' raw bytes (and tar headers)
             raise ManifestError(f"{at}: {n} samples of {sample_bytes} bytes cannot fit in its {size} bytes")
+        if indexed:  # one sample per record: the records it lists are its samples and its skipped ones
+            skip = _kind(shard.get("skip", []), list, f"{at}.skip", "expected record numbers")
+            records = _kind(shard.get("records", []), list, f"{at}.records", "expected a list of checksums")
+            if len(records) != n + len(skip) or not all(isinstance(j, int) and 0 <= j < len(records) for j in skip):
+                raise ManifestError(f"{at}: {len(records)} records do not make {n} samples and {len(skip)} skipped")
         if "sha256" in shard and not (isinstance(shard["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", shard["sha256"])):
             raise ManifestError(f"{at}.sha256: {str(shard['sha256'])[:80]!r} is not a sha256 hex digest")
         if "records" in shard:
             records = _kind(shard["records"], list, f"{at}.records", "expected a list of checksums")
-            if not all(isinstance(r, str) and len(r) <= 64 for r in records) or len(records) > max(n, 1):
+            if not all(isinstance(r, str) and len(r) <= 64 for r in records) or \
+                    len(records) > max(n, 1) + len(shard.get("skip", [])):
                 raise ManifestError(f"{at}.records: expected at most {max(n, 1)} checksum strings")
         total += n
     if _int(entry["num_samples"], f"{where}.num_samples") != total:

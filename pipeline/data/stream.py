@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data import order as global_order
 from pipeline.data.order import derived_seed  # noqa: F401 - re-exported (models use it for their noise)
-from pipeline.data.location import check_local_shards, load_manifest, shard_url
+from pipeline.data.location import check_local_shards, load_manifest, shard_url, shards_base
 from pipeline.data.plan import EpochPlan, Part, plan_epoch
 from pipeline.data.shards import ShardError, record_checksum
 
@@ -49,6 +49,9 @@ class Decoder:
         # the most a record of this manifest can hold (x, y and factors of its samples, and 4 KiB for
         # a format-1 text label): tar members beyond it are refused before they are read
         self.max_record_bytes = samples_per_record * (self.sample_bytes + 8 * (1 + max(factors, 64))) + 4096
+
+    def samples_in(self, record: dict) -> int:
+        return len(record.get("x.bin", b"")) // self.sample_bytes
 
     def __call__(self, record: dict) -> dict:
         try:
@@ -137,6 +140,59 @@ def _close(stream, handler, url: str) -> None:
             handler(exn)
 
 
+class ImageRecordDecoder:
+    """A record of standard WebDataset shards (one sample: an encoded image, maybe a `.cls` label) ->
+    {"x": [1, C, H, W] uint8, "y": [1]}: decoded by Pillow in the loader's workers, cropped and
+    resized as at `vaepipe index` time, then to the manifest's shape if it still differs."""
+
+    def __init__(self, shape, options: dict, label: str | None, max_record_bytes: int):
+        from pipeline.data.image_source import ImageOptions
+
+        crop = options.get("crop")
+        self.shape, self.label = tuple(shape), label
+        self.opts = ImageOptions(size=options.get("size"), crop=tuple(crop) if crop else None,
+                                 channels=options.get("channels", 3))
+        self.max_record_bytes = max_record_bytes + (1 << 16)  # as indexed, and the tar headers' slack
+
+    def samples_in(self, record: dict) -> int:
+        return 1
+
+    def __call__(self, record: dict) -> dict:
+        from pipeline.data.index import decode_record
+
+        arr, why = decode_record(record, self.opts)
+        if arr is not None and arr.shape != self.shape:
+            arr, why = _resized(arr, self.shape), None
+        if arr is None:
+            raise ShardError(f"record '{record.get('__key__')}' in {record.get('__url__')}: {why}")
+        out = {"x": arr[None]}
+        if self.label:
+            try:
+                out["y"] = np.array([int(record[self.label])], dtype=np.int64)
+            except (KeyError, ValueError) as err:
+                raise ShardError(f"record '{record.get('__key__')}' in {record.get('__url__')}: label "
+                                 f".{self.label}: {err!r}") from None
+        return out
+
+
+def _resized(arr: np.ndarray, shape: tuple) -> np.ndarray:
+    """[C, h, w] uint8 -> [C, H, W] (bicubic), for an image of another size than the manifest's."""
+    from PIL import Image
+
+    img = Image.fromarray(arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0))
+    out = np.asarray(img.resize((shape[2], shape[1]), Image.Resampling.BICUBIC), dtype=np.uint8)
+    return out[None] if out.ndim == 2 else out.transpose(2, 0, 1)
+
+
+def make_decoder(manifest: dict, entry: dict):
+    """The split's record decoder: vaepipe's raw-array records, or indexed standard shards' images."""
+    if "root" in entry:
+        return ImageRecordDecoder(entry["shape"], (manifest.get("images") or {}).get("options") or {},
+                                  entry.get("label"), entry.get("max_record_bytes", 1 << 26))
+    return Decoder(entry["shape"], entry["dtype"], entry.get("samples_per_record", 1),
+                   len(manifest.get("factor_names") or []))
+
+
 def _take(chunk: dict, index) -> dict:
     return {k: v[index] for k, v in chunk.items()}
 
@@ -208,7 +264,7 @@ class ShardStream(IterableDataset):
     def __init__(self, plan_for, *, rank: int, workers: int, seed: int, epoch: int, decoder: Decoder,
                  collate: Collate, skip: int = 0, on_error: str = "stop",
                  limit: int | None = None, shared_epoch=None, checksums: dict | None = None,
-                 ordered: dict | None = None, offsets: dict | None = None):
+                 ordered: dict | None = None, offsets: dict | None = None, skips: dict | None = None):
         self.plan_for, self.rank, self.workers = plan_for, rank, max(1, workers)
         self.seed = seed
         self.decoder, self.collate, self.on_error, self.limit = decoder, collate, on_error, limit
@@ -218,6 +274,7 @@ class ShardStream(IterableDataset):
         self.skipped_shards = 0
         self.checksums = checksums  # shard url -> its records' checksums (None: reads not verified)
         self.offsets = offsets  # evaluation: shard url -> index in the split of its first sample
+        self.skips = skips or {}  # indexed shards: url -> records `vaepipe index` could not decode (not samples)
         # training: {"urls", "counts", "batch_size", "world_size", "window", "steps"} (see the class doc)
         self.ordered = ordered
 
@@ -267,7 +324,9 @@ class ShardStream(IterableDataset):
                 self._handler(ShardError(f"{what}: the shard changed since `vaepipe prepare` (corrupt storage or a "
                                          "replaced file); data.on_error=skip passes such records over, data.verify=false "
                                          "turns the check off", part.url))
-                i += len(record.get("x.bin", b"")) // self.decoder.sample_bytes
+                i += self.decoder.samples_in(record)
+                continue
+            if j in self.skips.get(part.url, ()):
                 continue
             chunk = self.decoder(record)
             n = _length(chunk)
@@ -448,7 +507,8 @@ def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False
     manifest = manifest or load_manifest(root)
     entry = manifest["splits"][split]
     check_local_shards(root, entry)
-    urls = [shard_url(root, s["name"]) for s in entry["shards"]]
+    base = shards_base(root, entry)
+    urls = [shard_url(base, s["name"]) for s in entry["shards"]]
     checksums = None
     if verify:
         if all("records" in s for s in entry["shards"]):
@@ -480,11 +540,11 @@ def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False
     persistent = persistent and workers > 0
     offsets = None if ordered is not None else dict(zip(urls, np.cumsum([0, *counts[:-1]]).tolist()))
     stream = ShardStream(plan_for, rank=rank, workers=workers, seed=seed, epoch=epoch, offsets=offsets,
-                         decoder=Decoder(entry["shape"], entry["dtype"], entry.get("samples_per_record", 1),
-                                         len(manifest.get("factor_names") or [])),
+                         decoder=make_decoder(manifest, entry),
                          collate=Collate(manifest["scale"], binarize, raw), skip=skip, on_error=on_error, limit=limit,
                          shared_epoch=context.Value("q", epoch, lock=False) if persistent else None,
-                         checksums=checksums, ordered=ordered)
+                         checksums=checksums, ordered=ordered,
+                         skips={url: set(s["skip"]) for url, s in zip(urls, entry["shards"]) if s.get("skip")})
     loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=persistent,
                         multiprocessing_context=context)
     return loader

@@ -1,0 +1,214 @@
+"""`vaepipe index`: standard WebDataset shards, read as they are, described by a manifest written
+elsewhere (format 3). Shards from webdataset's TarWriter/ShardWriter or img2dataset hold one sample
+per record: an image member (`.jpg/.jpeg/.png/.webp`, or a uint8 `.npy`) with an optional `.cls`
+label and whatever else (`.json`, `.txt`, ignored; pickles `.pyd/.pickle` are never unpickled).
+Keys may hold dots and folders; tars may be gzip-compressed; shards may be of any sizes.
+
+The manifest records, per shard, its sample count, size, sha256 and every record's checksum (the
+loader checks them as it reads), the records a decoder could not read (`skip`: left out of the
+sample count and passed over when streaming), the image and label keys and the decoded shape (after
+`--size`/`--crop`). The shards are never written to. The loader decodes each image in its workers
+and resizes it to the manifest's shape (data/stream.py: ImageRecordDecoder), so every guarantee of
+the stream (global order, exact and elastic resume, verified reads) holds on these shards too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from braceexpand import braceexpand
+
+from pipeline.data.image_source import ImageOptions, decode
+from pipeline.data.manifest import check_shard_name
+from pipeline.data.shards import record_checksum
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "npy")
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+MAX_RECORD_BYTES = 64 << 20  # one sample's members while indexing: a larger record is refused unread
+
+
+def shard_list(spec: str) -> tuple[str, list[str]]:
+    """(where the shards are, their file names) for a folder, a brace pattern, or a URL/pipe: pattern."""
+    if spec.startswith("pipe:"):
+        if "{name}" not in spec:
+            raise ValueError(f"{spec!r}: a pipe: command needs a {{name}} placeholder; list the shards with "
+                             "--names 'train-{000000..000009}.tar'")
+        return spec, []
+    if Path(spec).is_dir():
+        names = sorted(p.name for p in Path(spec).iterdir() if p.is_file() and p.name.endswith(SHARD_SUFFIXES))
+        if not names:
+            raise FileNotFoundError(f"{spec}: no shard files ({', '.join(SHARD_SUFFIXES)})")
+        return os.path.abspath(spec), names
+    urls = list(braceexpand(spec))
+    base = {u.rsplit("/", 1)[0] for u in urls}
+    if len(base) != 1:
+        raise ValueError(f"{spec!r}: every shard must be in one folder (one base URL)")
+    root = base.pop()
+    return (root if "://" in root else os.path.abspath(root)), [u.rsplit("/", 1)[1] for u in urls]
+
+
+def _image_member(record: dict) -> str | None:
+    return next((k for k in IMAGE_KEYS if k in record), None)
+
+
+def decode_record(record: dict, opts: ImageOptions) -> tuple[np.ndarray | None, str | None]:
+    """A record's image as uint8 [C, H, W] after crop and resize, or (None, why)."""
+    key = _image_member(record)
+    if key is None:
+        return None, f"no image member ({', '.join(IMAGE_KEYS)}) among {sorted(k for k in record if not k.startswith('__'))}"
+    if key != "npy":
+        return decode((record[key], opts))
+    try:  # a uint8 array [H, W] or [H, W, C] or [C, H, W]; never a pickle
+        arr = np.load(io.BytesIO(record[key]), allow_pickle=False)
+    except Exception as err:  # noqa: BLE001
+        return None, f"npy: {type(err).__name__}: {err}"
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
+        return None, f"npy of {arr.dtype} {arr.shape}: uint8 [H,W], [H,W,C] or [C,H,W] wanted"
+    arr = arr[None] if arr.ndim == 2 else arr if arr.shape[0] in (1, 3) else arr.transpose(2, 0, 1)
+    if opts.size is not None and arr.shape[1:] != (opts.size, opts.size):
+        from PIL import Image  # resized as a decoded image would be
+
+        mode = "L" if arr.shape[0] == 1 else "RGB"
+        img = Image.fromarray(arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0), mode)
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        return decode((buf.getvalue(), opts))
+    return arr, None
+
+
+def index_shards(spec: str, opts: ImageOptions, names: list[str] | None = None, log=print) -> tuple[str, dict]:
+    """(shards root, split entry) of the shards `spec` names: counts, checksums, shape, skipped records."""
+    from pipeline.data.stream import tar_records  # the bounded reader the loader uses
+
+    root, found = shard_list(spec)
+    names = names or found
+    if not names:
+        raise ValueError(f"{spec}: no shards to index")
+    for name in names:
+        check_shard_name(name, spec)
+    shards, shape, label_key, biggest, bad = [], None, None, 0, []
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(names), unit="shard", desc="indexing", file=sys.stderr, disable=not sys.stderr.isatty())
+
+    def fail(exn):
+        raise exn
+
+    for name in names:
+        url = root.replace("{name}", name) if root.startswith("pipe:") else f"{root}/{name}"
+        checksums, skip, n, digest, size = [], [], 0, hashlib.sha256(), 0
+        for j, record in enumerate(tar_records(url, fail, MAX_RECORD_BYTES)):
+            checksums.append(record_checksum(record))
+            members = {k: v for k, v in record.items() if not k.startswith("__")}
+            biggest = max(biggest, sum(len(v) for v in members.values()))
+            arr, why = decode_record(record, opts)
+            if arr is not None and shape is not None and arr.shape != shape:
+                arr, why = None, f"decoded to {arr.shape}, not {shape} as the first: pass --size"
+            if arr is None:
+                skip.append(j)
+                if len(bad) < 5:
+                    bad.append(f"{name} record {j} ('{record['__key__']}'): {why}")
+                if opts.on_error == "stop":
+                    raise ValueError(f"{bad[-1]} (--on-error skip leaves it out)")
+                continue
+            shape = shape or arr.shape
+            label_key = label_key if label_key is not None else ("cls" if "cls" in record else "")
+            if label_key == "cls" and "cls" not in record:
+                raise ValueError(f"{name} record {j} ('{record['__key__']}') has no .cls, its earlier records do")
+            n += 1
+        if not url.startswith(("pipe:", "http://", "https://")):
+            size = os.path.getsize(url)
+            with open(url, "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+        entry = {"name": name, "num_samples": n, "bytes": size, "records": checksums}
+        if size:
+            entry["sha256"] = digest.hexdigest()
+        if skip:
+            entry["skip"] = skip
+        shards.append(entry)
+        bar.update(1)
+    bar.close()
+    if shape is None:
+        raise ValueError(f"{spec}: no readable image in {len(names)} shard(s): {'; '.join(bad[:3])}")
+    if bad:
+        log(f"  {sum(len(s.get('skip', [])) for s in shards)} unreadable record(s) left out: {'; '.join(bad)}")
+    total = sum(s["num_samples"] for s in shards)
+    log(f"  {spec}: {total} samples of shape {shape} in {len(shards)} shard(s)"
+        + (", labels from .cls" if label_key == "cls" else ", no labels"))
+    return root, {"num_samples": total, "shape": list(shape), "dtype": "uint8", "samples_per_record": 1,
+                  "max_record_bytes": biggest, "label": label_key or None, "shards": shards}
+
+
+SPLIT_PREFIXES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+def _by_prefix(spec: str) -> dict | None:
+    """A folder whose shards are named train-*, val-* (valid-*), test-*: its splits by name."""
+    if not Path(spec).is_dir():
+        return None
+    root, names = shard_list(spec)
+    groups: dict = {}
+    for name in names:
+        prefix = name.split("-", 1)[0].split(".", 1)[0].lower()
+        if prefix not in SPLIT_PREFIXES:
+            return None
+        groups.setdefault(SPLIT_PREFIXES[prefix], []).append(name)
+    return groups if "train" in groups else None
+
+
+def index(spec: str, out: str | Path, val: str | None = None, test: str | None = None,
+          opts: ImageOptions | None = None, force: bool = False, log=print, names: list[str] | None = None) -> dict:
+    """Write `out`/manifest.json for the shards of `spec` (train; or a folder of train-*, val-*, test-*
+    shards), `val` and `test`; without val shards, the last train shard is the validation split."""
+    from pipeline.data.shards import MANIFEST, write_json_atomic
+
+    opts = opts or ImageOptions()
+    out = Path(out)
+    if (out / MANIFEST).exists() and not force:
+        raise FileExistsError(f"{out / MANIFEST} exists (use --force to index again)")
+    groups = _by_prefix(spec) if val is None and test is None else None
+    splits: dict = {}
+    if groups:
+        root, _ = shard_list(spec)
+        for split in ("train", "val", "test"):
+            if groups.get(split):
+                splits[split] = index_shards(spec, opts, names=groups[split], log=log)
+    else:
+        splits["train"] = index_shards(spec, opts, names=names, log=log)
+        if val is not None:
+            splits["val"] = index_shards(val, opts, log=log)
+        if test is not None:
+            splits["test"] = index_shards(test, opts, log=log)
+    if "val" not in splits:
+        root, entry = splits["train"]
+        if len(entry["shards"]) < 2:
+            raise ValueError(f"{spec}: one shard, and no validation shards: give them with --val")
+        held = entry["shards"].pop()
+        entry["num_samples"] -= held["num_samples"]
+        splits["val"] = (root, {**entry, "num_samples": held["num_samples"], "shards": [held]})
+        log(f"  validation: the last train shard, {held['name']} ({held['num_samples']} samples); --val names others")
+    shape = splits["train"][1]["shape"]
+    if any(e["shape"] != shape for _, e in splits.values()):
+        raise ValueError(f"the splits decode to different shapes {[e['shape'] for _, e in splits.values()]}: pass --size")
+    if "test" not in splits:
+        splits["test"] = (splits["val"][0], {**splits["val"][1], "num_samples": 0, "shards": []})
+    labelled = {e["label"] for _, e in splits.values() if e["shards"]}
+    if len(labelled) > 1:
+        raise ValueError("some splits have .cls labels and others none")
+    manifest = {
+        "format_version": 3, "name": "images", "source": spec, "seed": 0, "scale": 1.0 / 255, "binary": False,
+        "factor_names": None, "factor_sizes": None, "classes": None,
+        "images": {"options": {"size": opts.size, "crop": list(opts.crop) if opts.crop else None,
+                               "channels": opts.channels}},
+        "splits": {split: {**entry, "root": root} for split, (root, entry) in splits.items()},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(manifest, out / MANIFEST)
+    log(f"indexed into {out / MANIFEST} (the shards were only read)")
+    return manifest
