@@ -145,9 +145,11 @@ def test_cifar10_zip_end_to_end(tmp_path):
     assert manifest["classes"][:3] == ["airplane", "automobile", "bird"] and manifest["images"]["skipped"] == 0
     assert manifest["splits"]["test"]["shape"] == [3, 32, 32]
     run = tmp_path / "run"
-    vaepipe("fit", f"data.root={tmp_path / 'cifar10'}", "data.name=images", f"run.dir={run}", "model.arch=mlp",
-            "model.hidden=[64]", "model.latent_dim=8", "model.likelihood=gaussian", "trainer.max_steps=20",
-            "trainer.val_check_interval=20", "model.eval_k=2", "logger.image_every_n_epochs=0", "run.test=false", *FAST)
+    out = vaepipe("fit", f"data.root={tmp_path / 'cifar10'}", "data.name=images", f"run.dir={run}", "model.arch=mlp",
+                  "model.hidden=[64]", "model.latent_dim=8", "model.likelihood=gaussian", "trainer.max_steps=20",
+                  "trainer.val_check_interval=20", "model.eval_k=2", "logger.image_every_n_epochs=0", "run.test=false",
+                  *FAST).stdout
+    assert "train split resident" in out  # 150 MB of uint8: held in memory (a quarter of it is the budget)
     result = json.loads(vaepipe("eval", run, "--k", "4", "--limit", "50", "--json").stdout)
     assert result["examples"] == 50 and np.isfinite(result["nll"])
 
@@ -167,3 +169,22 @@ def test_resident_when_it_fits_streamed_when_not_same_run(tmp_path):
         assert ("train split resident" in out) == (name == "resident") and ("streaming" in out) == (name == "streamed")
     a, b = (load_checkpoint(runs[n] / "checkpoints/last.ckpt")["state_dict"] for n in ("resident", "streamed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_simplejpeg_and_pillow_give_the_same_pixels(tmp_path):
+    """JPEGs decode through simplejpeg when installed: the shards must not depend on it."""
+    import pipeline.data.image_source as source
+
+    if source._simplejpeg is None:
+        pytest.skip("simplejpeg is not installed: Pillow decodes every image")
+    folder = shapes_folder(tmp_path / "shapes", n_per_class=10)
+    jpegs = [p.read_bytes() for p in sorted(folder.rglob("*.jpg")) if p.name != "broken.jpg"]
+    for opts in (source.ImageOptions(), source.ImageOptions(size=16, channels=1),
+                 source.ImageOptions(crop=(2, 3, 20, 21), size=8)):
+        fast = [source.decode((data, opts))[0] for data in jpegs]
+        sj, source._simplejpeg = source._simplejpeg, None
+        try:
+            slow = [source.decode((data, opts))[0] for data in jpegs]
+        finally:
+            source._simplejpeg = sj
+        assert all(np.array_equal(a, b) for a, b in zip(fast, slow))

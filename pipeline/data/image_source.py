@@ -180,7 +180,7 @@ def decode(task: tuple[bytes, ImageOptions]) -> tuple[np.ndarray | None, str | N
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with _open_image(data) as img:
             img = img.convert("RGB" if opts.channels == 3 else "L")
             if opts.crop is not None:
                 x0, y0, x1, y1 = opts.crop
@@ -198,6 +198,26 @@ def decode(task: tuple[bytes, ImageOptions]) -> tuple[np.ndarray | None, str | N
     except Exception as err:  # noqa: BLE001 - any undecodable file (truncated, not an image, a bomb) is counted
         return None, f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
     return (arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)), None
+
+
+def _open_image(data: bytes):
+    """A PIL image of the file's bytes. JPEGs go through simplejpeg when it is installed: the same
+    libjpeg-turbo pixels (checked equal on CIFAR-10 and 128-256 px images) without Pillow's per-file
+    overhead, ~10x faster on 32 px images, ~1.4x at 128-256 px (docs/data.md)."""
+    from PIL import Image
+
+    if data[:2] == b"\xff\xd8" and _simplejpeg is not None:
+        try:
+            return Image.fromarray(_simplejpeg.decode_jpeg(data, colorspace="RGB"))
+        except ValueError:  # what it cannot read (a CMYK or damaged JPEG): Pillow decides
+            pass
+    return Image.open(io.BytesIO(data))
+
+
+try:
+    import simplejpeg as _simplejpeg
+except ImportError:  # optional: Pillow decodes everything
+    _simplejpeg = None
 
 
 class Decoder:
