@@ -13,7 +13,9 @@
 # 3. the IWAE paper's VAE k=1 schedule on the fixed binarisation of MNIST for as long as
 #    GPU_CHECK_TRAIN_S seconds allow (default 90; SIGUSR1 then checkpoints and stops it, the
 #    preemption path), and its test NLL with K = 5000 importance samples on the 10 000 test images.
-# GPU_CHECK_SECTIONS (default "1 2 3") picks sections, e.g. "1 2" where one command may run only
+# 4. bench/image_storage.py on the GPU: does the image loader (CPU decoding, raw or JPEG records) keep
+#    up with the convolutional VAE's training step there (issue 27)? ~3 min.
+# GPU_CHECK_SECTIONS (default "1 2 4 3") picks sections, e.g. "1 2" where one command may run only
 # ~8 minutes (the three together take ~10 on an H100: every training process compiles its step).
 # Data: VAEPIPE_DATA (default ../shared/data) holding binarized_mnist/binarized_mnist_uint8.npz;
 # without it step 3 is skipped and step 2 uses random binary images. Without a GPU it says so and
@@ -25,7 +27,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 DATA=${VAEPIPE_DATA:-../shared/data}
 TRAIN_S=${GPU_CHECK_TRAIN_S:-90}
-SECTIONS=" ${GPU_CHECK_SECTIONS:-1 2 3} "
+SECTIONS=" ${GPU_CHECK_SECTIONS:-1 2 4 3} "
 WORK=${GPU_CHECK_DIR:-$(mktemp -d)}
 mkdir -p "$WORK"
 export WANDB_MODE=offline PYTHONUNBUFFERED=1
@@ -49,6 +51,10 @@ fi
 if [[ $SECTIONS == *" 2 "* ]]; then
   section "2. tests marked gpu"
   "$PY" -m pytest -q -s -m gpu tests/test_gpu.py -p no:cacheprovider || status=1  # -s: the tests' measured figures
+fi
+if [[ $SECTIONS == *" 4 "* ]]; then
+  section "4. image loader (raw and JPEG records, 0/1/2/4 workers) vs the conv VAE's step on the GPU"
+  "$PY" bench/image_storage.py --sizes 64 128 --count 3000 --workers 0 1 2 4 --device cuda || status=1
 fi
 [[ $SECTIONS == *" 3 "* ]] || { section "done: status $status"; exit 0; }
 

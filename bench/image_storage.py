@@ -44,6 +44,7 @@ def make_images(folder: Path, n: int, size: int, seed: int = 0) -> None:
 
 
 def encoded_shards(images: list[Path] | None, zip_path: Path | None, out: Path, per_shard: int = 5000) -> None:
+    """(at most 5000 images a shard, at least 4 shards: the last one is `index`'s validation split)"""
     """The same images as standard shards, {key}.jpg (quality 95; CIFAR's own JPEG bytes as they are)."""
     import webdataset as wds
     from PIL import Image
@@ -60,6 +61,7 @@ def encoded_shards(images: list[Path] | None, zip_path: Path | None, out: Path, 
             Image.open(p).convert("RGB").save(buf, "JPEG", quality=95)
             return buf.getvalue()
         items = [(p.stem, jpeg(p)) for p in images]
+    per_shard = min(per_shard, -(-len(items) // 4))
     with wds.ShardWriter(str(out / "train-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
         for i, (_, data) in enumerate(items):
             sink.write({"__key__": f"{i:06d}", "jpg": data})
@@ -93,23 +95,28 @@ def loader_rate(root: Path, workers: int, batch: int = 100, seconds: float = 6.0
         epoch += 1
 
 
-def step_demand(batch: int = 100, steps: int = 30, warmup: int = 5) -> float:
-    """Samples/s of the conv VAE's training step on 3 x 64 x 64 inputs (fwd + bwd + Adam), CPU."""
+def step_demand(batch: int = 100, steps: int = 30, warmup: int = 5, device: str = "cpu") -> float:
+    """Samples/s of the conv VAE's training step on 3 x 64 x 64 inputs (fwd + bwd + Adam)."""
     from pipeline import vae_math
     from pipeline.models.components.vae import VAE
 
     torch.manual_seed(0)
-    vae = VAE((3, 64, 64), arch="conv", latent_dim=32, likelihood="gaussian")
+    vae = VAE((3, 64, 64), arch="conv", latent_dim=32, likelihood="gaussian").to(device)
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
-    x = torch.rand(batch, 3, 64, 64)
+    x = torch.rand(batch, 3, 64, 64, device=device)
+    steps = steps * (20 if device != "cpu" else 1)
     for i in range(steps + warmup):
         if i == warmup:
+            if device != "cpu":
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
         mu, logvar = vae.encode(x)
         loss = vae_math.vae_objective(mu, logvar, lambda z: vae.log_px_given_z(x, z))["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    if device != "cpu":
+        torch.cuda.synchronize()
     return steps * batch / (time.perf_counter() - t0)
 
 
@@ -119,8 +126,9 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=6000, help="generated images per size")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--no-cifar", action="store_true")
+    ap.add_argument("--device", default="cpu", help="where the step demand is measured (cuda on a GPU machine)")
     args = ap.parse_args()
-    demand = step_demand()
+    demand = step_demand(device=args.device)
     rows = []
     with tempfile.TemporaryDirectory(prefix="vaepipe-storage-") as tmp:
         tmp = Path(tmp)
@@ -132,8 +140,9 @@ def main() -> None:
             if zip_path is None:
                 make_images(work / "png", args.count, size)
             source = zip_path or work / "png"
-            raw_s = vaepipe("prepare", "images", "--source", source, "--out", work / "raw", "--size", size,
-                            "--val", 0 if zip_path is None else 5000, "--test", 0, "--workers", 2)
+            held = ["--val", 0, "--test", 0] if zip_path is None else []  # CIFAR: its own split
+            raw_s = vaepipe("prepare", "images", "--source", source, "--out", work / "raw", "--size", size, *held,
+                            "--workers", 2)
             t = time.perf_counter()
             encoded_shards(sorted((work / "png").glob("*.png")) if zip_path is None else None, zip_path, work / "jpg")
             write_s = time.perf_counter() - t
@@ -142,7 +151,7 @@ def main() -> None:
                                             ("jpeg", work / "index", du(work / "jpg"), write_s + index_s)):
                 rates = [loader_rate(root, w) for w in args.workers]
                 rows.append((label, store, disk, secs, rates))
-    print(f"conv VAE step demand (3x64x64, batch 100, fwd+bwd+Adam): {demand:.0f} samples/s\n")
+    print(f"conv VAE step demand (3x64x64, batch 100, fwd+bwd+Adam, {args.device}): {demand:.0f} samples/s\n")
     head = "  ".join(f"{w} wk samples/s (÷ step)" for w in args.workers)
     print(f"{'set':24s} {'store':5s} {'disk MB':>8s} {'prepare s':>9s}  {head}")
     for label, store, disk, secs, rates in rows:

@@ -8,6 +8,11 @@ rank 0 of R ranks (the global order: each rank reads every window, keeps its sli
 of verified reads (data.verify: each record's checksum checked): the loader with 0
 workers, verified and not, alternated `--repeats` times (target: verified >= 0.95x unverified).
 Uses ../shared/data's binarized MNIST when present, else random binary 28x28 images (same bytes).
+
+    python bench/loader_vs_step.py --images [image_storage.py options]
+
+RGB images at 32, 64 and 128 px (and CIFAR-10): raw and JPEG records, 0/1/2 workers, against the
+convolutional VAE's step (bench/image_storage.py, which this runs).
 """
 
 from __future__ import annotations
@@ -45,6 +50,11 @@ def loader_rate(root: Path, workers: int, batch: int, verify: bool = True, world
 
 
 def main():
+    if "--images" in sys.argv:
+        import image_storage
+
+        sys.argv.remove("--images")
+        return image_storage.main()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=50000)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
