@@ -184,3 +184,34 @@ def test_two_processes_killed_resume_on_one_exactly(tmp_path):
     a, b = (load_checkpoint(tmp_path / r / "checkpoints/last.ckpt")["state_dict"] for r in ("ref", "run"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4  # summation order only (test_elastic.py)
     assert digests(shards) == before
+
+
+def test_shards_indexed_over_http_and_a_pipe_read_like_local_ones(tmp_path):
+    """The same shards indexed from a folder, from http:// (brace patterns, a loopback server) and
+    from a pipe: command (--names): the same samples; the pipe: one is read with data.shards."""
+    import functools
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from tests.test_remote import QuietHandler
+
+    shards = webdataset_shards(tmp_path / "shards", tmp_path / "pwned")
+    (shards / "train-000001.tar.gz").unlink()  # curl would hand the gzip through as it is: plain tars here
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(shards)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        train = "train-{000000,000002,000003}.tar"
+        vaepipe("index", shards, "--out", tmp_path / "local")
+        vaepipe("index", f"{url}/{train}", "--val", f"{url}/val-000000.tar", "--test", f"{url}/test-000000.tar",
+                "--out", tmp_path / "http")
+        vaepipe("index", f"pipe:cat {shards}/{{name}}", "--names", train, "--val", f"{shards}/val-000000.tar",
+                "--test", f"{shards}/test-000000.tar", "--out", tmp_path / "pipe")
+        local = torch.cat([b["x"] for b in make_loader(str(tmp_path / "local"), "train", 64)])
+        http = torch.cat([b["x"] for b in make_loader(str(tmp_path / "http"), "train", 64)])
+        given = load_manifest(str(tmp_path / "pipe"), shards=f"pipe:cat {shards}/{{name}}")
+        piped = torch.cat([b["x"] for b in make_loader(str(tmp_path / "pipe"), "train", 64, manifest=given)])
+        assert torch.equal(local, http) and torch.equal(local, piped) and len(local) == 206
+    finally:
+        server.shutdown()
+        server.server_close()
