@@ -101,13 +101,13 @@ def topology(world: int, workers: int = 0) -> list[str]:
     return [f"trainer.devices={world}", f"data.batch_size={G // world}", f"data.num_workers={workers}"]
 
 
-def recorded(path) -> dict[int, list[int]]:
-    """step -> the sample ids of its global batch (ranks' rows in rank order)."""
+def recorded(path, scale: float = 1000) -> dict[int, list[int]]:
+    """step -> the sample ids of its global batch (ranks' rows in rank order; id = first value x scale)."""
     rows = {}
     for f in sorted(path.parent.glob(path.name + ".rank*")):
         for line in f.read_text().splitlines():
             step, rank, *xs = line.split()
-            rows.setdefault(int(step), {})[int(rank)] = [round(float(v) * 1000) for v in xs]
+            rows.setdefault(int(step), {})[int(rank)] = [round(float(v) * scale) for v in xs]
     return {s: sum((r[k] for k in sorted(r)), []) for s, r in rows.items()}
 
 

@@ -23,6 +23,7 @@ from pipeline.data.location import load_manifest
 from pipeline.data.stream import make_loader
 from pipeline.errors import ShardError
 from tests.conftest import FAST, vaepipe
+from tests.test_elastic import recorded
 
 ID_SHAPE = (8, 8)  # grey images whose first pixel is the sample's id (lossless PNG)
 
@@ -165,21 +166,13 @@ def test_two_processes_killed_resume_on_one_exactly(tmp_path):
                        "logger.image_every_n_epochs=0", "trainer.accelerator=cpu", "run.test=false", *FAST,
                        env=env, check=check)
 
-    def recorded(path):
-        rows = {}
-        for f in sorted(path.parent.glob(path.name + ".rank*")):
-            for line in f.read_text().splitlines():
-                step, rank, *xs = line.split()
-                rows.setdefault(int(step), {})[int(rank)] = [round(float(v) * 255) for v in xs]
-        return {s: sum((r[k] for k in sorted(r)), []) for s, r in rows.items()}
-
     fit(tmp_path / "ref", 2, env={"VAEPIPE_RECORD_BATCHES": str(tmp_path / "ref.ids")})
     rec = {"VAEPIPE_RECORD_BATCHES": str(tmp_path / "run.ids")}
     first = fit(tmp_path / "run", 2, env={**rec, "VAEPIPE_FAULT": "11:TERM"}, check=False)
     assert first.returncode == 75, first.stderr[-3000:]
     second = fit(tmp_path / "run", 1, env=rec)
     assert "world_size 2 -> 1" in second.stdout
-    got, want = recorded(tmp_path / "run.ids"), recorded(tmp_path / "ref.ids")
+    got, want = recorded(tmp_path / "run.ids", 255), recorded(tmp_path / "ref.ids", 255)  # first pixel: the id
     assert sorted(got) == list(range(steps)) and got == want
     a, b = (load_checkpoint(tmp_path / r / "checkpoints/last.ckpt")["state_dict"] for r in ("ref", "run"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4  # summation order only (test_elastic.py)
