@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", help="validation shards (default: a folder's val-* shards, else the last train shard)")
     p.add_argument("--test", help="test shards (default: a folder's test-* shards, else none)")
     p.add_argument("--names", help="with a pipe: command, the shard names as a brace pattern")
+    p.add_argument("--val-names", help="with a pipe: --val, its shard names")
+    p.add_argument("--test-names", help="with a pipe: --test, its shard names")
     p.add_argument("--size", type=_at_least(1), help="resize the shorter side to S, centre-crop S x S (in the loader)")
     p.add_argument("--crop", type=_box, help="x0,y0,x1,y1: crop this box first")
     p.add_argument("--channels", type=int, choices=(1, 3), default=3)
@@ -225,7 +227,9 @@ def run(args: argparse.Namespace) -> int:
 
         opts = ImageOptions(size=args.size, crop=args.crop, channels=args.channels, on_error=args.on_error)
         index(args.shards, args.out, val=args.val, test=args.test, opts=opts, force=args.force,
-              names=list(braceexpand(args.names)) if args.names else None)
+              names=list(braceexpand(args.names)) if args.names else None,
+              val_names=list(braceexpand(args.val_names)) if args.val_names else None,
+              test_names=list(braceexpand(args.test_names)) if args.test_names else None)
     elif args.command == "submit":
         from pipeline.launch.slurm import submit
 

@@ -16,7 +16,9 @@ import glob as globlib
 import io
 import multiprocessing
 import os
+import stat
 import sys
+import warnings
 import tarfile
 import zipfile
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "test": "test"}
+SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
 @dataclass(frozen=True)
@@ -61,13 +63,16 @@ class Collection:
         self._zip = self._tar = None
         if path.is_dir():
             self.kind, root = "folder", path
-            self.names = sorted(os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/")
-                                for d, _, files in os.walk(root) for f in files if _is_image(f))
+            self.names = sorted(_folder_images(root))
             self._root = root
         elif path.is_file() and zipfile.is_zipfile(path):
             self.kind = "zip"
             with zipfile.ZipFile(path) as z:
-                self.names = sorted(i.filename for i in z.infolist() if not i.is_dir() and _is_image(i.filename))
+                names = [i.filename for i in z.infolist() if not i.is_dir() and _is_image(i.filename)]
+            if len(set(names)) != len(names):  # zipfile would read the last of each name, a tar the first
+                dup = next(n for n in names if names.count(n) > 1)
+                raise ValueError(f"{path}: the member {dup!r} is in the zip more than once")
+            self.names = sorted(names)
         elif path.is_file() and tarfile.is_tarfile(path):
             self.kind = "tar"
             self._offsets = {}
@@ -90,22 +95,49 @@ class Collection:
             raise ValueError(f"{self.source}: no image files ({', '.join(IMAGE_SUFFIXES)})")
 
     def read(self, name: str) -> bytes:
+        """The file's bytes; ValueError for one above MAX_IMAGE_BYTES (never read whole)."""
         if self.kind == "zip":
             if self._zip is None:
                 self._zip = zipfile.ZipFile(self.source)
-            return self._zip.read(name)
+            info = self._zip.getinfo(name)
+            _check_size(name, info.file_size)
+            with self._zip.open(info) as f:
+                return f.read(MAX_IMAGE_BYTES + 1)
         if self.kind == "tar":
             offset, size = self._offsets[name]
+            _check_size(name, size)
             if self._tar is None:
                 self._tar = open(self.source, "rb")
             self._tar.seek(offset)
             return self._tar.read(size)
-        return (self._root / name).read_bytes() if self.kind == "folder" else Path(name).read_bytes()
+        path = self._root / name if self.kind == "folder" else Path(name)
+        with open(path, "rb") as f:
+            _check_size(name, os.fstat(f.fileno()).st_size)
+            return f.read(MAX_IMAGE_BYTES + 1)
 
     def close(self) -> None:
         for f in (self._zip, self._tar):
             if f is not None:
                 f.close()
+
+
+MAX_IMAGE_BYTES = 256 << 20  # one image file; a larger one is skipped (counted, named), never read whole
+
+
+def _check_size(name: str, size: int) -> None:
+    if size > MAX_IMAGE_BYTES:
+        raise ValueError(f"{size} bytes, more than the {MAX_IMAGE_BYTES} an image file may have")
+
+
+def _folder_images(root: Path):
+    """Regular image files under `root`, as relative '/' names: no links (a link to /dev/zero or out of
+    the folder is not an image of it), no hidden folders (.ipynb_checkpoints), no devices or pipes."""
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for f in files:
+            full = os.path.join(folder, f)
+            if _is_image(f) and stat.S_ISREG(os.lstat(full).st_mode):
+                yield os.path.relpath(full, root).replace(os.sep, "/")
 
 
 def _is_image(name: str) -> bool:
@@ -135,7 +167,13 @@ def plan_splits(names: list[str], opts: ImageOptions, seed: int):
     (default a tenth of the set each; with train/ and test/ folders but no val/, a tenth of train/, at
     most 5000, as for CIFAR-10). Arrays, not per-image objects: memory stays small with the set."""
     common = _common_depth(names)
-    by_folder = all(len(p := name.split("/")[common:]) > 1 and p[0].lower() in SPLIT_FOLDERS for name in names)
+    tops = {name.split("/")[common] for name in names if len(name.split("/")) > common + 1}
+    by_folder = bool(tops) and all(len(p := name.split("/")[common:]) > 1 and p[0].lower() in SPLIT_FOLDERS
+                                   for name in names)
+    if not by_folder and any(t.lower() in SPLIT_FOLDERS for t in tops):  # train/ beside cats/, or loose files
+        raise ValueError(f"some images are under split folders ({', '.join(sorted(t for t in tops if t.lower() in SPLIT_FOLDERS))}) "
+                         f"and some are not (e.g. {next(n for n in names if n.split('/')[common].lower() not in SPLIT_FOLDERS)}): "
+                         "put every image under train/, val/ (valid/, validation/) or test/, or none")
     split_of, provisional, seen, labelled = np.zeros(len(names), np.int8), np.zeros(len(names), np.int64), {}, True
     for i, name in enumerate(names):
         parts = name.split("/")[common:]
@@ -144,19 +182,23 @@ def plan_splits(names: list[str], opts: ImageOptions, seed: int):
         if len(parts) > 1:
             provisional[i] = seen.setdefault(parts[0], len(seen))
         else:
-            labelled = False
+            labelled, loose = False, name
+    if seen and not labelled:  # class folders for some images only: refused, not silently unlabelled
+        raise ValueError(f"some images are in class folders ({', '.join(sorted(seen)[:3])}, ...) and some are not "
+                         f"(e.g. {loose}): put every image of a split in a class folder, or none")
     classes = sorted(seen) if labelled else None
     labels = np.argsort(np.argsort(list(seen)))[provisional] if labelled else None  # ids in class-name order
     if by_folder:
         splits = {split: np.flatnonzero(split_of == k) for split, k in SPLIT_INDEX.items()}
-        if opts.test is not None and opts.test != len(splits["test"]):
-            raise ValueError(f"--test {opts.test}: the source has its own test/ folder ({len(splits['test'])} images)")
-        if len(splits["val"]):
-            if opts.val is not None and opts.val != len(splits["val"]):
-                raise ValueError(f"--val {opts.val}: the source has its own val/ folder ({len(splits['val'])} images)")
-            return splits, labels, classes
-        val = min(len(splits["train"]) // 10, 5000) if opts.val is None else opts.val
-        return {**_hold_out(splits["train"], {"val": val}, seed), "test": splits["test"]}, labels, classes
+        if not len(splits["train"]):
+            raise ValueError("split folders without a train/ folder: no training images")
+        held = {}  # what the source has no folder for is held out of train/ by the seed
+        for split, n in (("val", opts.val), ("test", opts.test)):
+            if len(splits[split]) and n is not None and n != len(splits[split]):
+                raise ValueError(f"--{split} {n}: the source has its own {split} folder ({len(splits[split])} images)")
+            if not len(splits[split]):
+                held[split] = (min(len(splits["train"]) // 10, 5000) if split == "val" else 0) if n is None else n
+        return {**splits, **_hold_out(splits["train"], held, seed)}, labels, classes
     val = len(names) // 10 if opts.val is None else opts.val
     test = len(names) // 10 if opts.test is None else opts.test
     return _hold_out(np.arange(len(names)), {"val": val, "test": test}, seed), labels, classes
@@ -177,27 +219,42 @@ def _hold_out(indices: np.ndarray, sizes: dict, seed: int) -> dict:
 def decode(task: tuple[bytes, ImageOptions]) -> tuple[np.ndarray | None, str | None]:
     """One image's bytes -> uint8 [C, H, W] (after crop and resize), or (None, why it failed)."""
     data, opts = task
-    from PIL import Image
-
     try:
-        with _open_image(data) as img:
-            img = img.convert("RGB" if opts.channels == 3 else "L")
-            if opts.crop is not None:
-                x0, y0, x1, y1 = opts.crop
-                if x1 > img.width or y1 > img.height:
-                    return None, f"crop box {opts.crop} outside the {img.width}x{img.height} image"
-                img = img.crop(opts.crop)
-            if opts.size is not None:
-                s, (w, h) = opts.size, img.size
-                scale = s / min(w, h)
-                w2, h2 = max(s, round(w * scale)), max(s, round(h * scale))
-                img = img.resize((w2, h2), Image.Resampling.BICUBIC, reducing_gap=None)
-                left, top = (w2 - s) // 2, (h2 - s) // 2
-                img = img.crop((left, top, left + s, top + s))
-            arr = np.asarray(img, dtype=np.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", _bomb_warning())  # above MAX_IMAGE_PIXELS: refused, not decoded
+            with _open_image(data) as img:
+                return transform(img, opts), None
     except Exception as err:  # noqa: BLE001 - any undecodable file (truncated, not an image, a bomb) is counted
         return None, f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
-    return (arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)), None
+
+
+def _bomb_warning():
+    from PIL import Image
+
+    return Image.DecompressionBombWarning
+
+
+def transform(img, opts: ImageOptions) -> np.ndarray:
+    """A PIL image -> uint8 [C, H, W]: 8-bit channels (16-bit scaled, not clipped), crop, resize."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grey: 0..65535 -> 0..255
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    img = img.convert("RGB" if opts.channels == 3 else "L")
+    if opts.crop is not None:
+        x0, y0, x1, y1 = opts.crop
+        if x1 > img.width or y1 > img.height:
+            raise ValueError(f"crop box {opts.crop} outside the {img.width}x{img.height} image")
+        img = img.crop(opts.crop)
+    if opts.size is not None:
+        s, (w, h) = opts.size, img.size
+        scale = s / min(w, h)
+        w2, h2 = max(s, round(w * scale)), max(s, round(h * scale))
+        img = img.resize((w2, h2), Image.Resampling.BICUBIC, reducing_gap=None)
+        left, top = (w2 - s) // 2, (h2 - s) // 2
+        img = img.crop((left, top, left + s, top + s))
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
 def _open_image(data: bytes):
@@ -208,8 +265,13 @@ def _open_image(data: bytes):
 
     if data[:2] == b"\xff\xd8" and _simplejpeg is not None:
         try:
-            return Image.fromarray(_simplejpeg.decode_jpeg(data, colorspace="RGB"))
-        except ValueError:  # what it cannot read (a CMYK or damaged JPEG): Pillow decides
+            height, width, colorspace, _ = _simplejpeg.decode_jpeg_header(data)
+            if height * width > (Image.MAX_IMAGE_PIXELS or float("inf")):  # Pillow's bomb guard, before decoding
+                raise Image.DecompressionBombError(f"{width}x{height} pixels: more than Pillow's limit of "
+                                                   f"{Image.MAX_IMAGE_PIXELS} (a decompression bomb?)")
+            if colorspace in ("RGB", "Gray", "YCbCr"):  # CMYK/YCCK: Pillow's conversion, as without simplejpeg
+                return Image.fromarray(_simplejpeg.decode_jpeg(data, colorspace="RGB"))
+        except ValueError:  # what it cannot read (a damaged JPEG): Pillow decides
             pass
     return Image.open(io.BytesIO(data))
 
@@ -240,16 +302,26 @@ WINDOW = 256  # images decoded per window and worker: bounded memory, pool kept 
 
 
 def image_chunks(collection: Collection, indices: np.ndarray, labels: np.ndarray | None, opts: ImageOptions,
-                 decoder: Decoder, failures: ImageFailures, progress=None):
-    """The split's samples as chunks {"x": [n, C, S, S] uint8, "y": [n]}, in `indices` order."""
+                 decoder: Decoder, failures: ImageFailures, progress=None, first: dict | None = None):
+    """The split's samples as chunks {"x": [n, C, S, S] uint8, "y": [n]}, in `indices` order. `first`
+    carries the first image's shape across splits: every split has one sample shape."""
     window = WINDOW * max(1, opts.workers)
-    shape = None
+    first = {} if first is None else first
     for start in range(0, len(indices), window):
         part = indices[start:start + window].tolist()
-        results = decoder.map([(collection.read(collection.names[i]), opts) for i in part])
+        tasks, unread = [], {}
+        for i in part:
+            try:
+                tasks.append((collection.read(collection.names[i]), opts))
+            except ValueError as err:  # too large to read: counted and named as a bad image
+                tasks.append((b"", opts))
+                unread[i] = str(err)
+        results = decoder.map(tasks)
         xs, ys = [], []
         for i, (arr, why) in zip(part, results):
             name = collection.names[i]
+            arr, why = (None, unread[i]) if i in unread else (arr, why)
+            shape = first.get("shape")
             if arr is not None and shape is not None and arr.shape != shape:
                 why, arr = f"{arr.shape[2]}x{arr.shape[1]}, not {shape[2]}x{shape[1]} as the first image: pass --size", None
                 if opts.size is None:
@@ -259,7 +331,7 @@ def image_chunks(collection: Collection, indices: np.ndarray, labels: np.ndarray
                     raise ValueError(f"{collection.source}: cannot read image {name}: {why} (--on-error skip skips it)")
                 failures.add(name, why)
                 continue
-            shape = shape or arr.shape
+            first.setdefault("shape", arr.shape)
             xs.append(arr)
             if labels is not None:
                 ys.append(labels[i])
@@ -282,7 +354,7 @@ class ImageData:
         self.opts, self.log = opts, log
         self.collection = Collection(source)
         self.items, self.labels, self.classes = plan_splits(self.collection.names, opts, seed)
-        self.failures = ImageFailures()
+        self.failures, self.first = ImageFailures(), {}
         total = sum(len(v) for v in self.items.values())
         log(f"  {total} images in {self.collection.kind} {source}: " + ", ".join(
             f"{s} {len(self.items[s])}" for s in ("train", "val", "test"))
@@ -295,7 +367,7 @@ class ImageData:
 
     def chunks(self, split: str):
         yield from image_chunks(self.collection, self.items[split], self.labels, self.opts, self.decoder,
-                                self.failures, self.bar)
+                                self.failures, self.bar, self.first)
 
     def manifest_fields(self) -> dict:
         options = {"size": self.opts.size, "crop": list(self.opts.crop) if self.opts.crop else None,

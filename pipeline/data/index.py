@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from braceexpand import braceexpand
 
-from pipeline.data.image_source import ImageOptions, decode
+from pipeline.data.image_source import ImageOptions, decode, transform
 from pipeline.data.manifest import check_shard_name
 from pipeline.data.shards import record_checksum
 
@@ -45,11 +45,11 @@ def shard_list(spec: str) -> tuple[str, list[str]]:
             raise FileNotFoundError(f"{spec}: no shard files ({', '.join(SHARD_SUFFIXES)})")
         return os.path.abspath(spec), names
     urls = list(braceexpand(spec))
-    base = {u.rsplit("/", 1)[0] for u in urls}
+    base = {u.rsplit("/", 1)[0] if "/" in u else "." for u in urls}
     if len(base) != 1:
         raise ValueError(f"{spec!r}: every shard must be in one folder (one base URL)")
     root = base.pop()
-    return (root if "://" in root else os.path.abspath(root)), [u.rsplit("/", 1)[1] for u in urls]
+    return (root if "://" in root else os.path.abspath(root)), [u.rsplit("/", 1)[-1] for u in urls]
 
 
 def _image_member(record: dict) -> str | None:
@@ -63,22 +63,30 @@ def decode_record(record: dict, opts: ImageOptions) -> tuple[np.ndarray | None, 
         return None, f"no image member ({', '.join(IMAGE_KEYS)}) among {sorted(k for k in record if not k.startswith('__'))}"
     if key != "npy":
         return decode((record[key], opts))
-    try:  # a uint8 array [H, W] or [H, W, C] or [C, H, W]; never a pickle
-        arr = np.load(io.BytesIO(record[key]), allow_pickle=False)
+    try:  # a uint8 array [H, W], [H, W, C] or [C, H, W] (C 1 or 3), bounded and never a pickle
+        arr = _small_npy(record[key])
+        if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
+            raise ValueError(f"{arr.dtype} {arr.shape}: uint8 [H,W], [H,W,C] or [C,H,W] wanted")
+        hwc = arr if arr.ndim == 2 or arr.shape[-1] in (1, 3) else arr.transpose(1, 2, 0)
+        from PIL import Image  # then the same channels, crop and resize as a decoded image
+
+        return transform(Image.fromarray(hwc[..., 0] if hwc.ndim == 3 and hwc.shape[-1] == 1 else hwc), opts), None
     except Exception as err:  # noqa: BLE001
         return None, f"npy: {type(err).__name__}: {err}"
-    if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
-        return None, f"npy of {arr.dtype} {arr.shape}: uint8 [H,W], [H,W,C] or [C,H,W] wanted"
-    arr = arr[None] if arr.ndim == 2 else arr if arr.shape[0] in (1, 3) else arr.transpose(2, 0, 1)
-    if opts.size is not None and arr.shape[1:] != (opts.size, opts.size):
-        from PIL import Image  # resized as a decoded image would be
 
-        mode = "L" if arr.shape[0] == 1 else "RGB"
-        img = Image.fromarray(arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0), mode)
-        buf = io.BytesIO()
-        img.save(buf, "PNG")
-        return decode((buf.getvalue(), opts))
-    return arr, None
+
+def _small_npy(data: bytes) -> np.ndarray:
+    """The array of an .npy member whose header declares no more bytes than the member holds."""
+    from numpy.lib import format as npy_format
+
+    f = io.BytesIO(data)
+    version = npy_format.read_magic(f)
+    read = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    if int(np.prod(shape, dtype=object)) * dtype.itemsize > len(data):
+        raise ValueError(f"header declares {shape} {dtype}, more than the member's {len(data)} bytes")
+    f.seek(0)
+    return npy_format.read_array(f, allow_pickle=False)
 
 
 def index_shards(spec: str, opts: ImageOptions, names: list[str] | None = None, log=print) -> tuple[str, dict]:
@@ -91,7 +99,7 @@ def index_shards(spec: str, opts: ImageOptions, names: list[str] | None = None, 
         raise ValueError(f"{spec}: no shards to index")
     for name in names:
         check_shard_name(name, spec)
-    shards, shape, label_key, biggest, bad = [], None, None, 0, []
+    shards, shape, biggest, bad, labelled, total = [], None, 0, [], 0, 0
     from tqdm import tqdm
 
     bar = tqdm(total=len(names), unit="shard", desc="indexing", file=sys.stderr, disable=not sys.stderr.isatty())
@@ -117,9 +125,13 @@ def index_shards(spec: str, opts: ImageOptions, names: list[str] | None = None, 
                     raise ValueError(f"{bad[-1]} (--on-error skip leaves it out)")
                 continue
             shape = shape or arr.shape
-            label_key = label_key if label_key is not None else ("cls" if "cls" in record else "")
-            if label_key == "cls" and "cls" not in record:
-                raise ValueError(f"{name} record {j} ('{record['__key__']}') has no .cls, its earlier records do")
+            if "cls" in record:
+                try:
+                    int(record["cls"])
+                except ValueError:
+                    raise ValueError(f"{name} record {j} ('{record['__key__']}'): .cls {record['cls'][:20]!r} is "
+                                     "not an integer label") from None
+                labelled += 1
             n += 1
         if not url.startswith(("pipe:", "http://", "https://")):
             size = os.path.getsize(url)
@@ -132,17 +144,20 @@ def index_shards(spec: str, opts: ImageOptions, names: list[str] | None = None, 
         if skip:
             entry["skip"] = skip
         shards.append(entry)
+        total += n
         bar.update(1)
     bar.close()
+    if 0 < labelled < total:  # labels for some samples only: not a labelled set, and not silently unlabelled
+        raise ValueError(f"{spec}: {labelled} of {total} samples have a .cls label: all or none must")
+    label_key = "cls" if labelled else None
     if shape is None:
         raise ValueError(f"{spec}: no readable image in {len(names)} shard(s): {'; '.join(bad[:3])}")
     if bad:
         log(f"  {sum(len(s.get('skip', [])) for s in shards)} unreadable record(s) left out: {'; '.join(bad)}")
-    total = sum(s["num_samples"] for s in shards)
     log(f"  {spec}: {total} samples of shape {shape} in {len(shards)} shard(s)"
         + (", labels from .cls" if label_key == "cls" else ", no labels"))
     return root, {"num_samples": total, "shape": list(shape), "dtype": "uint8", "samples_per_record": 1,
-                  "max_record_bytes": biggest, "label": label_key or None, "shards": shards}
+                  "max_record_bytes": biggest, "label": label_key, "shards": shards}
 
 
 SPLIT_PREFIXES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -163,7 +178,8 @@ def _by_prefix(spec: str) -> dict | None:
 
 
 def index(spec: str, out: str | Path, val: str | None = None, test: str | None = None,
-          opts: ImageOptions | None = None, force: bool = False, log=print, names: list[str] | None = None) -> dict:
+          opts: ImageOptions | None = None, force: bool = False, log=print, names: list[str] | None = None,
+          val_names: list[str] | None = None, test_names: list[str] | None = None) -> dict:
     """Write `out`/manifest.json for the shards of `spec` (train; or a folder of train-*, val-*, test-*
     shards), `val` and `test`; without val shards, the last train shard is the validation split."""
     from pipeline.data.shards import MANIFEST, write_json_atomic
@@ -172,19 +188,15 @@ def index(spec: str, out: str | Path, val: str | None = None, test: str | None =
     out = Path(out)
     if (out / MANIFEST).exists() and not force:
         raise FileExistsError(f"{out / MANIFEST} exists (use --force to index again)")
-    groups = _by_prefix(spec) if val is None and test is None else None
+    groups = _by_prefix(spec) or {"train": names}  # a folder of train-*, val-*, test-*: split by name
+    given = {"val": (val, val_names), "test": (test, test_names)}
     splits: dict = {}
-    if groups:
-        root, _ = shard_list(spec)
-        for split in ("train", "val", "test"):
-            if groups.get(split):
-                splits[split] = index_shards(spec, opts, names=groups[split], log=log)
-    else:
-        splits["train"] = index_shards(spec, opts, names=names, log=log)
-        if val is not None:
-            splits["val"] = index_shards(val, opts, log=log)
-        if test is not None:
-            splits["test"] = index_shards(test, opts, log=log)
+    for split in ("train", "val", "test"):
+        source, split_names = given.get(split, (None, None))
+        if source is not None:  # --val / --test replace that split only
+            splits[split] = index_shards(source, opts, names=split_names, log=log)
+        elif split in groups:
+            splits[split] = index_shards(spec, opts, names=groups[split], log=log)
     if "val" not in splits:
         root, entry = splits["train"]
         if len(entry["shards"]) < 2:

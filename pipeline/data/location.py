@@ -45,15 +45,20 @@ def shard_url(root: str, name: str) -> str:
     return os.path.join(os.path.abspath(root), name)
 
 
-def shards_base(root: str, entry: dict) -> str:
+# load_manifest records the user's data.shards under this key: not a string, so no manifest (JSON,
+# whose keys are strings) can claim that its pipe: root was given by the user
+GIVEN_SHARDS = ("data.shards",)
+
+
+def shards_base(root: str, entry: dict, manifest: dict | None = None) -> str:
     """Where a split's shards are: beside the manifest, or, for shards indexed where they lie
     (`vaepipe index`, data/index.py), the split's `root` in the manifest: a local folder or an
     http(s) URL. A `pipe:` root there is a command named by a shared file: used only when the user
-    gave it (data.shards, which load_manifest puts in place)."""
+    gave it (data.shards, which load_manifest puts in place and records under GIVEN_SHARDS)."""
     base = entry.get("root")
     if base is None:
         return str(root)
-    if base.startswith("pipe:") and not entry.get("_given"):
+    if base.startswith("pipe:") and (manifest or {}).get(GIVEN_SHARDS) != base:
         raise ShardError(f"the manifest in '{root}' says its shards come from a shell command ({base[:120]!r}); vaepipe "
                          "runs no command named by a manifest: pass data.shards='pipe:...{name}...' yourself")
     return base
@@ -86,7 +91,8 @@ def load_manifest(root: str, shards: str | None = None) -> dict:
             if "root" not in entry:
                 raise ShardError(f"data.shards is for shards indexed by `vaepipe index`; the manifest in '{root}' "
                                  "lists its own shards beside it")
-            entry["root"], entry["_given"] = str(shards), True
+            entry["root"] = str(shards)
+        manifest[GIVEN_SHARDS] = str(shards)
     return manifest
 
 
@@ -119,10 +125,10 @@ def _load_manifest(root: str) -> dict:
     return manifest
 
 
-def check_local_shards(root: str, entry: dict) -> None:
+def check_local_shards(root: str, entry: dict, manifest: dict | None = None) -> None:
     """Before reading: every local shard exists with the manifest's size (remote ones are checked
     as they stream: a failed or truncated download raises ShardError naming the URL)."""
-    root = shards_base(root, entry)
+    root = shards_base(root, entry, manifest)
     if is_remote(str(root)):
         return
     for shard in entry["shards"]:

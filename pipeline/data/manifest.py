@@ -50,8 +50,14 @@ def _kind(value, kind, where: str, what: str):
     return value
 
 
+SPLIT_KEYS = {"num_samples", "shape", "dtype", "shards", "samples_per_record", "root", "label", "max_record_bytes"}
+
+
 def check_split(entry, where: str, names: set) -> None:
     _kind(entry, dict, where, "expected a mapping with num_samples, shape, dtype, shards")
+    unknown = sorted(str(k) for k in entry if k not in SPLIT_KEYS)
+    if unknown:
+        raise ManifestError(f"{where}: unknown key(s) {unknown[:3]} (known: {', '.join(sorted(SPLIT_KEYS))})")
     for key in ("num_samples", "shape", "dtype", "shards"):
         if key not in entry:
             raise ManifestError(f"{where}: no '{key}'")

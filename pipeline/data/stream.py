@@ -317,6 +317,8 @@ class ShardStream(IterableDataset):
         expected = self.checksums.get(part.url) if self.checksums is not None else None
         i, j = 0, -1
         for j, record in enumerate(records):
+            if j in self.skips.get(part.url, ()):
+                continue  # a record `vaepipe index` could not decode: not a sample
             if expected is not None and (j >= len(expected) or record_checksum(record) != expected[j]):
                 what = (f"record {j} ('{record.get('__key__')}') does not match its checksum in the manifest"
                         if j < len(expected) else f"has more than the {len(expected)} records the manifest lists")
@@ -325,8 +327,6 @@ class ShardStream(IterableDataset):
                                          "replaced file); data.on_error=skip passes such records over, data.verify=false "
                                          "turns the check off", part.url))
                 i += self.decoder.samples_in(record)
-                continue
-            if j in self.skips.get(part.url, ()):
                 continue
             chunk = self.decoder(record)
             n = _length(chunk)
@@ -506,8 +506,8 @@ def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False
     root = str(root)
     manifest = manifest or load_manifest(root)
     entry = manifest["splits"][split]
-    check_local_shards(root, entry)
-    base = shards_base(root, entry)
+    check_local_shards(root, entry, manifest)
+    base = shards_base(root, entry, manifest)
     urls = [shard_url(base, s["name"]) for s in entry["shards"]]
     checksums = None
     if verify:
