@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the log-weights (default: on from examples x K >= 5 million; ~5-20 s once)")
     p.add_argument("--data-root", help="shards folder (default: the one in the checkpoint's config)")
+    p.add_argument("--shards", help="where shards indexed by `vaepipe index` are, as data.shards in fit (a pipe: "
+                   "command is run only when given here)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -266,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
 
         r = evaluate(args.ckpt, k=args.k, split=args.split, limit=args.limit, batch_size=args.batch_size,
                      chunk=args.chunk, data_root=args.data_root, seed=args.seed, progress=not args.json,
-                     device=args.device, compile=args.compile)
+                     device=args.device, compile=args.compile, shards=args.shards)
         if args.json:
             print(json.dumps(r))
         else:

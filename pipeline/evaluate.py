@@ -158,7 +158,7 @@ def eval_suggestion(ckpt, module, examples: int, x: torch.Tensor | None, budget_
 @torch.no_grad()
 def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | None = None,
              batch_size: int = 100, chunk: int | None = None, data_root: str | None = None, seed: int = 0,
-             progress: bool = True, device: str | None = None, compile: bool | None = None) -> dict:
+             progress: bool = True, device: str | None = None, compile: bool | None = None, shards: str | None = None) -> dict:
     """Per-example means over a split (nats): ELBO, L_k at the model's training K, and L_K with
     K = `k`, the importance-sampled estimate of log p(x) (Choice 2, Concepts 11.6-11.9).
 
@@ -171,9 +171,9 @@ def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | 
     module = load_module(ckpt).to(device)
     cfg, vae = module.cfg, module.vae
     root = data_root = data_root_for(cfg.data.root, data_root)  # never a command/URL from the checkpoint
-    manifest = check_data_fits(module, root, split)
+    manifest = check_data_fits(module, root, split, load_manifest(root, shards))
     if cfg.model.family == "vqvae":
-        return evaluate_vq(module, ckpt, split, limit, batch_size, data_root, seed, progress, device)
+        return evaluate_vq(module, ckpt, split, limit, batch_size, data_root, seed, progress, device, manifest)
     chunk = chunk or default_chunk(batch_size, device)
     examples = manifest["splits"][split]["num_samples"]
     examples = min(examples, limit) if limit else examples
@@ -260,13 +260,13 @@ def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | 
 
 
 @torch.no_grad()
-def evaluate_vq(module, ckpt, split, limit, batch_size, data_root, seed, progress, device) -> dict:
+def evaluate_vq(module, ckpt, split, limit, batch_size, data_root, seed, progress, device, manifest=None) -> dict:
     """VQ-VAE: reconstruction NLL -log p(x|z_q), and with a uniform prior over the codes (what this
     model has without a learned prior) the ELBO log p(x|z_q) - h*w*log K (q is deterministic,
     so the KL to the uniform prior is log K per latent position); code usage."""
     cfg, vq = module.cfg, module.vae
     loader = make_subset_loader(data_root or cfg.data.root, split, batch_size, binarize=cfg.data.binarize,
-                                limit=limit, seed=seed)
+                                limit=limit, seed=seed, manifest=manifest)
     torch.manual_seed(seed)
     recon, n, t0 = 0.0, 0, time.time()
     counts = torch.zeros(cfg.model.codebook_size, device=device)

@@ -208,3 +208,21 @@ def test_shards_indexed_over_http_and_a_pipe_read_like_local_ones(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_fit_and_eval_on_shards_indexed_from_a_pipe_command(tmp_path):
+    """`vaepipe index 'pipe:...'`, then fit with data.shards and eval with --shards: the user's own
+    command reads the shards; without it, eval says which flag to pass."""
+    shards = webdataset_shards(tmp_path / "shards", tmp_path / "pwned")
+    pipe = f"pipe:cat {shards}/{{name}}"
+    vaepipe("index", pipe, "--names", "train-{000000,000002,000003}.tar", "--val", pipe, "--val-names",
+            "val-000000.tar", "--out", tmp_path / "index")
+    run = tmp_path / "run"
+    vaepipe("fit", f"data.root={tmp_path / 'index'}", "data.name=images", f"data.shards={pipe}", f"run.dir={run}",
+            "model.arch=mlp", "model.hidden=[16]", "model.latent_dim=2", "model.likelihood=gaussian",
+            "data.batch_size=16", "trainer.max_steps=4", "model.eval_k=2", "logger.image_every_n_epochs=0",
+            "run.test=false", *FAST)
+    refused = vaepipe("eval", run, "--k", "2", "--split", "val", check=False)
+    assert refused.returncode == 2 and "--shards" in refused.stderr and "Traceback" not in refused.stderr
+    out = vaepipe("eval", run, "--k", "2", "--split", "val", "--json", "--shards", pipe).stdout
+    assert json.loads(out)["examples"] == 32

@@ -60,7 +60,7 @@ def shards_base(root: str, entry: dict, manifest: dict | None = None) -> str:
         return str(root)
     if base.startswith("pipe:") and (manifest or {}).get(GIVEN_SHARDS) != base:
         raise ShardError(f"the manifest in '{root}' says its shards come from a shell command ({base[:120]!r}); vaepipe "
-                         "runs no command named by a manifest: pass data.shards='pipe:...{name}...' yourself")
+                         "runs no command named by a manifest: pass data.shards='pipe:...{name}...' yourself (eval: --shards)")
     return base
 
 
