@@ -190,6 +190,21 @@ def test_a_zip_naming_one_member_twice_is_refused(tmp_path):
         Collection(tmp_path / "d.zip")
 
 
+def test_a_compressed_tar_of_images_is_one_line(tmp_path):
+    import gzip
+    import tarfile
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        data = png_bytes(Image.new("RGB", (4, 4)))
+        info = tarfile.TarInfo("a.png")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "imgs.tar.gz").write_bytes(gzip.compress(raw.getvalue()))
+    proc = vaepipe("prepare", "images", "--source", tmp_path / "imgs.tar.gz", "--out", tmp_path / "out", check=False)
+    assert proc.returncode == 2 and "compressed tar" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_index_of_one_shard_in_the_working_folder(tmp_path):
     shards = webdataset_shards(tmp_path / "shards", tmp_path / "pwned")
     proc = vaepipe("index", "train-000000.tar", "--val", "val-000000.tar", "--out", tmp_path / "index", cwd=shards)

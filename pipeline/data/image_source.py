@@ -76,11 +76,15 @@ class Collection:
         elif path.is_file() and tarfile.is_tarfile(path):
             self.kind = "tar"
             self._offsets = {}
-            with tarfile.open(path, "r:") as t:  # "r:": random access needs an uncompressed tar
-                for info in t:
-                    t.members = []
-                    if info.isreg() and _is_image(info.name):
-                        self._offsets[info.name] = (info.offset_data, info.size)
+            try:
+                with tarfile.open(path, "r:") as t:  # "r:": random access needs an uncompressed tar
+                    for info in t:
+                        t.members = []
+                        if info.isreg() and _is_image(info.name):
+                            self._offsets[info.name] = (info.offset_data, info.size)
+            except tarfile.ReadError as err:
+                raise ValueError(f"{path}: cannot read it as an uncompressed tar ({err}); a compressed tar cannot be "
+                                 "read in place: extract it, or repack it as .tar or .zip") from None
             self.names = sorted(self._offsets)
         elif any(c in self.source for c in "*?["):
             self.kind = "glob"
