@@ -135,23 +135,26 @@ def importance_rate(vae, x: torch.Tensor, seconds: float = 0.25) -> float:
     return done / (time.perf_counter() - t0)
 
 
-def eval_suggestion(ckpt, module, examples: int, x: torch.Tensor | None, budget_s: float = 600) -> str:
+def eval_suggestion(ckpt, module, splits: dict, x: torch.Tensor | None, budget_s: float = 600) -> str:
     """The `vaepipe eval` a user can run next on this machine: the largest K of 5000 (the papers'
-    figure), 1000, 100, 10 that takes at most `budget_s` at the measured rate, with its time."""
+    figure), 1000, 100, 10 that takes at most `budget_s` at the measured rate, with its time. On the
+    test split, or on val for a set without one (shards indexed without test shards)."""
+    split = "test" if splits["test"]["num_samples"] else "val"
+    examples, flag = splits[split]["num_samples"], "" if split == "test" else " --split val"
     if module.cfg.model.family == "vqvae" or x is None or examples == 0:
-        return f"vaepipe eval {ckpt}"
+        return f"vaepipe eval {ckpt}{flag}"
     was = module.training
     module.eval()
     try:  # Lightning moved the weights to the CPU after fit; the examples may still be on the GPU
         rate = importance_rate(module.vae, x[:100].to(next(module.vae.parameters()).device))
     except Exception as err:  # noqa: BLE001 - a hint must never fail a finished run
-        return f"vaepipe eval {ckpt} --k 100   (time not measured: {type(err).__name__})"
+        return f"vaepipe eval {ckpt}{flag} --k 100   (time not measured: {type(err).__name__})"
     finally:
         module.train(was)
     k_train = int(module.cfg.model.k)
     seconds = {k: examples * (k + k_train) / rate for k in (5000, 1000, 100, 10)}
     k = next((k for k in seconds if seconds[k] <= budget_s), 10)
-    text = f"vaepipe eval {ckpt} --k {k}   (~{fmt_duration(seconds[k])} here for {examples} test examples"
+    text = f"vaepipe eval {ckpt}{flag} --k {k}   (~{fmt_duration(seconds[k])} here for {examples} {split} examples"
     return text + (f"; --k 5000, the papers' figure: ~{fmt_duration(seconds[5000])})" if k != 5000 else ")")
 
 

@@ -76,9 +76,15 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], what: str
     path.parent.mkdir(parents=True, exist_ok=True)
     # host, pid and a random part: unpredictable, and whose it is stays known (remove_stale_temporaries)
     tmp = path.with_name(f".{path.name}.tmp-{HOST}-{os.getpid()}-{secrets.token_hex(4)}")
+    # O_EXCL: a name planted as a link is refused (FileExistsError), never followed, nor removed;
+    # a private file is never readable by others
     try:
-        # O_EXCL: a name planted as a link is refused, never followed; a private file is never readable by others
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600 if private else 0o666)
+    except OSError as err:
+        if storage_error(err) is None:
+            raise
+        raise WriteFailure(describe_failure(path, err, what, need)) from None
+    try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -101,7 +107,7 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     removed = []
     for tmp in Path(folder).glob(".*.tmp-*"):
         host, pid = _writer_of(tmp.name)
-        if host == HOST and pid is not None and not _alive(pid) and tmp.is_file() and not tmp.is_symlink():
+        if host == HOST and pid is not None and not process_alive(pid) and tmp.is_file() and not tmp.is_symlink():
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
@@ -115,7 +121,7 @@ def _writer_of(name: str) -> tuple[str | None, int | None]:
     return parts[0], int(parts[1])
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from pipeline.errors import RunFolderBusy
+from pipeline.outputs import process_alive
 
 LOCK_NAME = ".vaepipe-run.lock"
 
@@ -64,7 +65,7 @@ def gone(holder: dict, now: dict) -> str | None:
     """Why the holder is provably gone (a line for the log), or None when it may still be running."""
     if holder.get("host") == now["host"] and isinstance(holder.get("pid"), int):
         started = _start_time(holder["pid"])
-        if started is None and not _alive(holder["pid"]):
+        if started is None and not process_alive(holder["pid"]):
             return "that process has exited"
         if started is not None and holder.get("pid_start") not in (None, started):
             return "that process has exited (its pid now belongs to another process)"
@@ -93,16 +94,6 @@ def slurm_job_ended(job: str) -> bool:
     states = set(proc.stdout.split())
     return not states & {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED",
                          "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RunFolderLock:

@@ -17,7 +17,7 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from pipeline.callbacks import (AtomicCheckpointIO, ImageGrids, LastCheckpoint, RankStates, RunModelCheckpoint,
                                 StepProgressBar, Throughput, is_own_checkpoint)
 from pipeline.checkpoints import load_checkpoint
-from pipeline.config import ConfigError, to_yaml
+from pipeline.config import ConfigError, flatten, to_yaml
 from pipeline.data.location import is_remote
 from pipeline.data.shards import MANIFEST, prepare, read_manifest
 from pipeline.data.sources import SOURCE_NAMES
@@ -194,13 +194,6 @@ def check_resume_settings(cfg: DictConfig, checkpoint: dict, path: str) -> None:
         return
     now = redact(OmegaConf.to_container(cfg, resolve=True))  # as stored (pipeline/redact.py)
 
-    def flat(d, prefix=""):
-        for key, value in d.items():
-            if isinstance(value, dict):
-                yield from flat(value, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}", value
-
     positions = (checkpoint.get("ShardDataModule") or {}).get("stream_positions") or []
     if positions and "global_batch" in positions[0]:  # after elastic_batch_size: differs only if changed
         world = planned_world_size(cfg)
@@ -211,7 +204,7 @@ def check_resume_settings(cfg: DictConfig, checkpoint: dict, path: str) -> None:
                 f"command gives {cfg.data.batch_size * world} (data.batch_size={cfg.data.batch_size} x {world}). "
                 f"Train on with another batch size from its weights in a new run: run.init_from={path} "
                 "run.dir=NEW_FOLDER")
-    theirs, mine = dict(flat(saved)), dict(flat(now))
+    theirs, mine = flatten(saved), flatten(now)
     fixed = FIXED_ON_RESUME + (("trainer.max_steps", "trainer.max_epochs") if cfg.optim.scheduler == "cosine" else ())
     # (a cosine schedule decays over the run's length: a longer run would jump back up the curve)
     differ = [k for k in mine if k in theirs and mine[k] != theirs[k] and k.startswith(fixed)
@@ -528,7 +521,6 @@ def _train(cfg: DictConfig, run_dir: Path, t0: float) -> dict:
         if preemption.stopped_at is None:
             from pipeline.evaluate import eval_suggestion
 
-            again = eval_suggestion(ckpt, module, datamodule.manifest["splits"]["test"]["num_samples"],
-                                    module.val_examples)
+            again = eval_suggestion(ckpt, module, datamodule.manifest["splits"], module.val_examples)
         print(f"  next:       {again}")
     return result

@@ -213,10 +213,14 @@ def test_a_sweep_runs_vaepipe_fit_and_nothing_else(tmp_path):
     for params in ({"data.root": {"values": [f"pipe:touch {marker}"]}},
                    {"data.root": {"value": f" pipe:touch {marker}"}},
                    {"data.root": {"value": f"!!str pipe:touch {marker}"}},
-                   {"logger.project": {"value": "pipe"}, "data.root": {"value": f"${{logger.project}}:touch {marker}"}}):
+                   {"logger.project": {"value": "pipe"}, "data.root": {"value": f"${{logger.project}}:touch {marker}"}},
+                   # not the first value: only trial 0 is composed in full, so every value is checked as read
+                   {"logger.project": {"value": "pipe"},
+                    "data.root": {"values": ["data/x", f"${{logger.project}}:touch {marker}"]}},
+                   {"data.root": {"values": ["data/x", f'"\\x70ipe:touch {marker}"']}}):
         path.write_text(json.dumps({**base, "command": fit, "parameters": params}))
         line = one_error_line(vaepipe("sweep", "local", path, "--out", tmp_path / "out", check=False))
-        assert "pipe:" in line and "data.root" in line and not marker.exists(), line
+        assert ("pipe:" in line or "interpolation" in line) and "data.root" in line and not marker.exists(), line
     path.write_text("method: grid\nmetric: {name: val/loss}\nparameters: {model.beta: {values: [1]}}\n"
                     f"command: ['${{env}}', vaepipe, fit, 'data.root=\"\\x70ipe:touch {marker}\"', '${{args_no_hyphens}}']\n")
     line = one_error_line(vaepipe("sweep", "local", path, "--out", tmp_path / "out", check=False))

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -225,23 +226,15 @@ def decode(task: tuple[bytes, ImageOptions]) -> tuple[np.ndarray | None, str | N
     data, opts = task
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", _bomb_warning())  # above MAX_IMAGE_PIXELS: refused, not decoded
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # above MAX_IMAGE_PIXELS: refused
             with _open_image(data) as img:
                 return transform(img, opts), None
     except Exception as err:  # noqa: BLE001 - any undecodable file (truncated, not an image, a bomb) is counted
         return None, f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
 
 
-def _bomb_warning():
-    from PIL import Image
-
-    return Image.DecompressionBombWarning
-
-
 def transform(img, opts: ImageOptions) -> np.ndarray:
     """A PIL image -> uint8 [C, H, W]: 8-bit channels (16-bit scaled, not clipped), crop, resize."""
-    from PIL import Image
-
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grey: 0..65535 -> 0..255
         img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
     img = img.convert("RGB" if opts.channels == 3 else "L")
@@ -265,8 +258,6 @@ def _open_image(data: bytes):
     """A PIL image of the file's bytes. JPEGs go through simplejpeg when it is installed: the same
     libjpeg-turbo pixels (checked equal on CIFAR-10 and 128-256 px images) without Pillow's per-file
     overhead, ~10x faster on 32 px images, ~1.4x at 128-256 px (docs/data.md)."""
-    from PIL import Image
-
     if data[:2] == b"\xff\xd8" and _simplejpeg is not None:
         try:
             height, width, colorspace, _ = _simplejpeg.decode_jpeg_header(data)
@@ -290,11 +281,13 @@ class Decoder:
     """Decodes windows of images in input order, in `workers` processes (0: here)."""
 
     def __init__(self, workers: int):
+        self.workers = workers
         self.pool = multiprocessing.get_context("forkserver").Pool(workers) if workers > 0 else None
 
     def map(self, tasks: list) -> list:
-        return self.pool.map(decode, tasks, chunksize=max(1, len(tasks) // (4 * self.pool._processes))) \
-            if self.pool is not None else [decode(t) for t in tasks]
+        if self.pool is None:
+            return [decode(t) for t in tasks]
+        return self.pool.map(decode, tasks, chunksize=max(1, len(tasks) // (4 * self.workers)))
 
     def close(self) -> None:
         if self.pool is not None:

@@ -14,7 +14,6 @@ the stream (global order, exact and elastic resume, verified reads) holds on the
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import sys
@@ -24,12 +23,13 @@ import numpy as np
 from braceexpand import braceexpand
 
 from pipeline.data.image_source import ImageOptions, decode, transform
-from pipeline.data.manifest import check_shard_name
-from pipeline.data.shards import record_checksum
+from pipeline.data.location import shard_url
+from pipeline.data.manifest import MAX_INDEXED_RECORD, check_shard_name
+from pipeline.data.shards import record_checksum, sha256_file
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "npy")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-MAX_RECORD_BYTES = 64 << 20  # one sample's members while indexing: a larger record is refused unread
+MAX_RECORD_BYTES = MAX_INDEXED_RECORD  # one sample's members while indexing: a larger record is refused unread
 
 
 def shard_list(spec: str) -> tuple[str, list[str]]:
@@ -108,8 +108,8 @@ def index_shards(spec: str, opts: ImageOptions, names: list[str] | None = None, 
         raise exn
 
     for name in names:
-        url = root.replace("{name}", name) if root.startswith("pipe:") else f"{root}/{name}"
-        checksums, skip, n, digest, size = [], [], 0, hashlib.sha256(), 0
+        url = shard_url(root, name)
+        checksums, skip, n = [], [], 0
         for j, record in enumerate(tar_records(url, fail, MAX_RECORD_BYTES)):
             checksums.append(record_checksum(record))
             members = {k: v for k, v in record.items() if not k.startswith("__")}
@@ -133,14 +133,10 @@ def index_shards(spec: str, opts: ImageOptions, names: list[str] | None = None, 
                                      "not an integer label") from None
                 labelled += 1
             n += 1
-        if not url.startswith(("pipe:", "http://", "https://")):
-            size = os.path.getsize(url)
-            with open(url, "rb") as f:
-                while block := f.read(1 << 20):
-                    digest.update(block)
-        entry = {"name": name, "num_samples": n, "bytes": size, "records": checksums}
-        if size:
-            entry["sha256"] = digest.hexdigest()
+        local = not url.startswith(("pipe:", "http://", "https://"))
+        entry = {"name": name, "num_samples": n, "bytes": os.path.getsize(url) if local else 0, "records": checksums}
+        if local:  # a second read of the file: the records above came through the tar reader
+            entry["sha256"] = sha256_file(Path(url))
         if skip:
             entry["skip"] = skip
         shards.append(entry)

@@ -125,10 +125,9 @@ def _load_manifest(root: str) -> dict:
     return manifest
 
 
-def check_local_shards(root: str, entry: dict, manifest: dict | None = None) -> None:
-    """Before reading: every local shard exists with the manifest's size (remote ones are checked
-    as they stream: a failed or truncated download raises ShardError naming the URL)."""
-    root = shards_base(root, entry, manifest)
+def check_local_shards(root: str, entry: dict) -> None:
+    """Before reading: every local shard under `root` (shards_base) exists with the manifest's size
+    (remote ones are checked as they stream: a failed or truncated download raises ShardError naming the URL)."""
     if is_remote(str(root)):
         return
     for shard in entry["shards"]:

@@ -24,6 +24,7 @@ DTYPES = ("uint8", "float32")  # what `vaepipe prepare` writes (sources.py's dty
 SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,254}")
 MAX_SAMPLES = 1 << 40  # beyond any data set; keeps every count an exact int64 / float64
 MAX_SAMPLE_VALUES = 1 << 31  # values in one sample (a 16k x 16k x 3 image is 0.8e9)
+MAX_INDEXED_RECORD = 64 << 20  # one record of indexed shards: what `vaepipe index` reads at most (data/index.py)
 
 
 def is_plain_name(name) -> bool:
@@ -74,7 +75,7 @@ def check_split(entry, where: str, names: set) -> None:
     indexed = "root" in entry  # standard shards described where they lie (data/index.py): encoded images
     if indexed:
         _kind(entry["root"], str, f"{where}.root", "expected the shards' folder or URL")
-        _int(entry.get("max_record_bytes", 0), f"{where}.max_record_bytes", 0, 1 << 30)
+        _int(entry.get("max_record_bytes", 0), f"{where}.max_record_bytes", 0, MAX_INDEXED_RECORD)
         if entry.get("label") not in (None, "cls"):
             raise ManifestError(f"{where}.label: {str(entry['label'])[:40]!r}; vaepipe reads labels from .cls")
     total = 0

@@ -506,8 +506,8 @@ def make_loader(root: str, split: str, batch_size: int, *, shuffle: bool = False
     root = str(root)
     manifest = manifest or load_manifest(root)
     entry = manifest["splits"][split]
-    check_local_shards(root, entry, manifest)
     base = shards_base(root, entry, manifest)
+    check_local_shards(base, entry)
     urls = [shard_url(base, s["name"]) for s in entry["shards"]]
     checksums = None
     if verify:

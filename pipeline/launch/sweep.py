@@ -70,7 +70,7 @@ def load_sweep(path: str | Path) -> dict:
     for name, spec in params.items():
         _check_parameter(where, sweep["method"], name, spec)
         for value in _values(spec):
-            _no_pipe(value, f"{where}: parameter '{name}'")
+            _check_value(where, name, value)
     configs = [str(c) for i, c in enumerate(command) if i and command[i - 1] in ("-c", "--config")]
     words = [c for c in command[command.index("fit") + 1:] if "=" in c and not c.startswith("-")]
     for trial in draw(sweep, 1, seed=0) if sweep["method"] != "bayes" else [first_values(params)]:
@@ -363,6 +363,23 @@ def _no_pipe(value, where: str) -> None:
     if isinstance(value, str) and value.lstrip(" \t'\"").startswith(("pipe:", "!!str pipe:")):
         raise ConfigError(f"{where}: a `pipe:` value ({value[:80]!r}) is a shell command, which a sweep file may not "
                           "give; pass it yourself on the command line (`vaepipe sweep local FILE data.root=...`)")
+
+
+def _check_value(where: str, name: str, value) -> None:
+    """One value of a parameter as its trial reads it (wandb's `key=value`, parsed by the config as
+    YAML: quotes and escapes undone): no pipe: command, no interpolation that could build one."""
+    at = f"{where}: parameter '{name}'"
+    if isinstance(value, str) and "${" in value:
+        raise ConfigError(f"{at}: {value[:80]!r} holds a config interpolation; a sweep value is a value")
+    for item in overrides({name: value}):
+        try:
+            read = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
+        except Exception:  # noqa: BLE001 - what the config cannot read is refused by load_config below
+            continue
+        for key, got in flatten(read).items():
+            _no_pipe(got, at)
+            if isinstance(got, str) and "${" in got:
+                raise ConfigError(f"{at}: {str(got)[:80]!r} reads as a config interpolation; a sweep value is a value")
 
 
 def _values(spec) -> list:
