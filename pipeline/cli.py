@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_at_least(1), default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", help="shards folder for the reconstructions")
+    p.add_argument("--pixels", choices=("mean", "draw"), default="mean",
+                   help="show the mean of p(x|z) (default: smooth, what training's grids show) or a draw of x ~ "
+                        "p(x|z) (the pixels' own noise: 8-bit values for the discretised likelihoods)")
     return parser
 
 
@@ -276,13 +279,19 @@ def run(args: argparse.Namespace) -> int:
             for key, value in r.items():
                 if key.startswith(("elbo", "iwae", "nll")):
                     print(f"  {key:20s} {value:10.3f}")
+            if r.get("bpd") is not None:
+                print(f"bits/dim (-log p(x) / (D ln 2), D = {r['dims']}): {r['bpd']:.4f} +- {r['bpd_stderr']:.4f} "
+                      f"from L_{r['k']}; {r['bpd_elbo']:.4f} from the ELBO")
+            elif "bpd_note" in r:
+                print(f"bits/dim: {r['bpd_note']}")
             if "mig" in r:
                 print(f"disentanglement (ground-truth factors): MIG {r['mig']:.3f}, beta-VAE metric "
                       f"{r['beta_vae_score']:.3f} (chance: 1 / number of factors)")
     elif args.command == "sample":
         from pipeline.evaluate import sample
 
-        for path in sample(args.ckpt, args.out, n=args.n, seed=args.seed, data_root=args.data_root):
+        for path in sample(args.ckpt, args.out, n=args.n, seed=args.seed, data_root=args.data_root,
+                           pixels=args.pixels):
             print(path)
     return 0
 

@@ -25,10 +25,11 @@ class ModelConfig:
     beta: float = 1.0  # KL weight (beta-VAE, Concept 11.25); 1 is the VAE
     beta_warmup_steps: int = 0  # linear warm-up of beta from 0 over this many steps
     estimator: str = "reparam"  # encoder gradient: reparam | score (Concept 11.22) | stl | dreg (docs/estimators.md)
-    likelihood: str = "bernoulli"  # bernoulli (logits) | gaussian (N(f(z), sigma^2 I))
+    likelihood: str = "bernoulli"  # bernoulli (logits) | gaussian (N(f(z), sigma^2 I)) | discretized_logistic | discretized_gaussian (8-bit pixels: bits/dim; docs/images.md)
+    mixtures: int = 1  # discretized_logistic: 1 = the IAF paper's (channels independent), M >= 2 = PixelCNN++'s mixture of M
     sigma: float = 1.0  # Gaussian decoder std: fixed value, or initial value when learn_sigma
     learn_sigma: bool = False
-    arch: str = "conv"  # conv (64x64 images) | mlp
+    arch: str = "conv"  # conv | resnet (square images 16-256 px, power of two, or 28) | mlp
     latent_dim: int = 10  # the top (prior's) stochastic layer
     stochastic_layers: int = 1  # 1 | 2 (the IWAE paper's second model, arch mlp: x - hidden - latent1_dim - hidden2 - latent_dim)
     latent1_dim: int = 100  # two stochastic layers: the middle layer z1
@@ -36,8 +37,10 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [200, 200])  # MLP widths; [] = linear
     activation: str = "relu"
     init: str = "torch"  # torch (PyTorch's layer defaults) | iwae (Glorot-uniform, zero biases, output bias = logit of the data mean)
-    conv_channels: list[int] = field(default_factory=lambda: [32, 32, 64, 64])
+    conv_channels: list[int] = field(default_factory=lambda: [32, 32, 64, 64])  # conv/resnet: width of each stride-2 stage (side -> 4), a short list repeats its last
     conv_hidden: int = 256
+    res_blocks: int = 1  # resnet: residual blocks per stage
+    norm: str = "none"  # resnet: none (zero-initialised residual branches) | group (GroupNorm); never batch statistics (docs/images.md)
     eval_k: int = 10  # K of the IWAE bound computed on validation (0 = skip)
     codebook_size: int = 512  # VQ-VAE: K codes ...
     code_dim: int = 64  # ... of dimension D
@@ -189,8 +192,9 @@ CHOICES = {
     "model.family": ("vae", "vqvae"),
     "model.objective": ("elbo", "iwae"),
     "model.estimator": ("reparam", "score", "stl", "dreg"),
-    "model.likelihood": ("bernoulli", "gaussian"),
-    "model.arch": ("mlp", "conv"),
+    "model.likelihood": ("bernoulli", "gaussian", "discretized_logistic", "discretized_gaussian"),
+    "model.arch": ("mlp", "conv", "resnet"),
+    "model.norm": ("none", "group"),
     "model.init": ("torch", "iwae"),
     "data.binarize": ("none", "dynamic", "threshold"),
     "data.on_error": ("stop", "skip"),
@@ -202,10 +206,10 @@ CHOICES = {
     "logger.backend": ("csv", "wandb", "tensorboard", "none"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
 }
-POSITIVE = ("model.k", "model.latent_dim", "data.batch_size", "data.eval_batch_size", "model.codebook_size",
+POSITIVE = ("model.k", "model.latent_dim", "model.mixtures", "data.batch_size", "data.eval_batch_size", "model.codebook_size",
             "model.code_dim", "trainer.steps_per_call", "trainer.num_nodes", "trainer.log_every_n_steps",
             "run.keep_last")
-NON_NEGATIVE = ("run.every_n_train_steps", "optim.lr", "optim.warmup_steps", "optim.max_nonfinite_steps")
+NON_NEGATIVE = ("model.res_blocks", "run.every_n_train_steps", "optim.lr", "optim.warmup_steps", "optim.max_nonfinite_steps")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -257,6 +261,15 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"bad value for 'data.shuffle_buffer': {cfg.data.shuffle_buffer}; it must be >= 0 "
                           "(0: no shuffle, the split's stored order every epoch)")
     m = cfg.model
+    if m.likelihood.startswith("discretized"):
+        if m.likelihood == "discretized_gaussian" and m.mixtures > 1:
+            raise ConfigError(f"model.mixtures={m.mixtures} is a mixture of discretised logistics: use "
+                              "model.likelihood=discretized_logistic (or model.mixtures=1)")
+        if m.init == "iwae":
+            raise ConfigError(f"model.init=iwae sets a Bernoulli or Gaussian output bias; with model.likelihood="
+                              f"{m.likelihood} use model.init=torch")
+        if m.family == "vqvae":
+            raise ConfigError(f"model.family=vqvae takes model.likelihood bernoulli or gaussian, not {m.likelihood}")
     if m.stochastic_layers not in (1, 2):
         raise ConfigError(f"bad value for 'model.stochastic_layers': {m.stochastic_layers}; choose 1 or 2")
     if m.stochastic_layers == 2:

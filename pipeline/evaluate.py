@@ -79,11 +79,18 @@ MIN_FACTOR_EXAMPLES = 200  # below this the disentanglement metrics are noise: n
 COMPILE_SAMPLES = 5_000_000
 
 
-def default_chunk(batch_size: int, device: torch.device) -> int:
-    """Samples per pass: on CPU ~5000 decoder rows (chunk x batch), whose [rows, pixels] logits stay
-    in cache through the likelihood's passes (50 000 rows ran 1.5x slower here: every elementwise
-    pass went to memory); on a GPU large passes keep the device busy."""
-    return 500 if device.type == "cuda" else max(1, 5000 // batch_size)
+def default_chunk(batch_size: int, device: torch.device, row_numel: int = 784) -> int:
+    """Samples per pass: on CPU ~4 million decoder outputs (chunk x batch rows of `row_numel`, the
+    likelihood's parameters per sample; ~5000 rows of MNIST's 784 logits), which stay in cache
+    through the likelihood's passes (10x that ran 1.5x slower here: every elementwise pass went to
+    memory; CIFAR-10's mixture likelihood has 102 400 per sample); on a GPU ~100x that."""
+    rows = max(1, (4_000_000 if device.type != "cuda" else 400_000_000) // max(1, row_numel))
+    return min(500 if device.type == "cuda" else 5000, max(1, rows // batch_size))
+
+
+def decoder_numel(vae) -> int:
+    """Decoder outputs per sample: the likelihood's parameters (pixels for Bernoulli/Gaussian)."""
+    return math.prod(vae.pixel.param_shape)
 
 
 def log_weight_kernel(vae, compile: bool):
@@ -118,7 +125,7 @@ def log_weight_kernel(vae, compile: bool):
 def importance_rate(vae, x: torch.Tensor, seconds: float = 0.25) -> float:
     """Importance samples per second `vaepipe eval` gets for this model on this machine (eager, its
     default chunk), measured on `x` for about `seconds` after one warm-up pass."""
-    chunk, kernel = default_chunk(len(x), x.device), log_weight_kernel(vae, False)
+    chunk, kernel = default_chunk(len(x), x.device, decoder_numel(vae)), log_weight_kernel(vae, False)
     mu, logvar = vae.encode(x)
     gen = torch.Generator(device=x.device).manual_seed(0)
     done, t0 = 0, None
@@ -177,7 +184,7 @@ def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | 
     manifest = check_data_fits(module, root, split, load_manifest(root, shards))
     if cfg.model.family == "vqvae":
         return evaluate_vq(module, ckpt, split, limit, batch_size, data_root, seed, progress, device, manifest)
-    chunk = chunk or default_chunk(batch_size, device)
+    chunk = chunk or default_chunk(batch_size, device, decoder_numel(vae))
     examples = manifest["splits"][split]["num_samples"]
     examples = min(examples, limit) if limit else examples
     if compile is None:
@@ -258,8 +265,21 @@ def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | 
         "checkpoint": str(ckpt), "split": split, "examples": n, "k": k,
         "chunk": chunk, "compiled": compile, "elbo": sums["elbo"] / n, f"iwae_bound_k{k_train}": sums[f"iwae{k_train}"] / n,
         f"iwae_bound_k{k}": mean_log_px, "nll": -mean_log_px, "nll_stderr": std / math.sqrt(n),
+        **bits_per_dim(vae, mean_log_px, std / math.sqrt(n), sums["elbo"] / n),
         "seconds": time.time() - t0, "device": str(device),
     }
+
+
+def bits_per_dim(vae, log_px: float, stderr: float, elbo: float) -> dict:
+    """bpd = -log p(x) / (D ln 2) (and its standard error, and the ELBO's) for a likelihood of 8-bit
+    values; for a density (Gaussian) or Bernoulli pixels a note instead of a figure that would look
+    comparable with the literature's and is not (docs/images.md)."""
+    factor = vae.bits_per_dim
+    if not factor:
+        return {"bpd": None, "bpd_note": f"not reported: model.likelihood={vae.likelihood} is not a probability of "
+                                          "8-bit pixel values (docs/images.md, bits per dimension)"}
+    return {"bpd": -log_px * factor, "bpd_stderr": stderr * factor, "bpd_elbo": -elbo * factor,
+            "dims": math.prod(vae.input_shape)}
 
 
 @torch.no_grad()
@@ -290,9 +310,10 @@ def evaluate_vq(module, ckpt, split, limit, batch_size, data_root, seed, progres
 
 @torch.no_grad()
 def sample(ckpt: str | Path, out: str | Path, n: int = 64, seed: int = 0, split: str = "test",
-           data_root: str | None = None) -> list[Path]:
-    """`out`: n prior samples (decoder means); `<stem>_recon<suffix>`: inputs (up to 32, drawn at random
-    from the split: a split stored in label order would show one digit) beside reconstructions.
+           data_root: str | None = None, pixels: str = "mean") -> list[Path]:
+    """`out`: n prior samples z ~ p(z) shown as the mean of p(x|z) (pixels="mean") or as a draw
+    x ~ p(x|z) ("draw"); `<stem>_recon<suffix>`: inputs (up to 32, drawn at random from the split: a
+    split stored in label order would show one digit) beside reconstructions (the same choice).
     Data that are not images (2-D points) are written as .npy arrays instead."""
     module = load_module(ckpt)
     vae, cfg = module.vae, module.cfg
@@ -308,8 +329,10 @@ def sample(ckpt: str | Path, out: str | Path, n: int = 64, seed: int = 0, split:
         codes = torch.randint(0, cfg.model.codebook_size, (n, *vae.grid), generator=torch.Generator().manual_seed(seed))
         samples, reconstruct = vae.codes_to_images(codes), vae.reconstruct
     else:
-        samples = vae.mean(torch.randn(n, vae.latent_dim, generator=torch.Generator().manual_seed(seed)))
-        reconstruct = lambda x: vae.mean(vae.encode(x)[0])  # noqa: E731 - the encoder's mean, decoded
+        gen = torch.Generator().manual_seed(seed)
+        show = vae.mean if pixels == "mean" else lambda z: vae.draw(z, gen)  # noqa: E731
+        samples = show(torch.randn(n, vae.latent_dim, generator=gen))
+        reconstruct = lambda x: show(vae.encode(x)[0])  # noqa: E731 - the encoder's mean, decoded
         if not is_image_shape(vae.input_shape):
             path = out.with_suffix(".npy")
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,20 @@ def _nonfinite_fault() -> tuple[int, str, bool] | None:
     return int(step), kind.rstrip("+"), kind.endswith("+")
 
 
+def check_pixel_data(vae, manifest: dict, data_cfg) -> None:
+    """A likelihood of 8-bit values needs 8-bit data: uint8 shards read as k/255 (binarised is fine:
+    0 and 255). Anything else would give bits/dim of a distribution the data do not come from."""
+    pixel = getattr(vae, "pixel", None)
+    if pixel is None or not pixel.discrete:
+        return
+    dtypes = {split["dtype"] for split in manifest["splits"].values()}
+    if dtypes != {"uint8"} or abs(float(manifest["scale"]) * 255 - 1) > 1e-6:
+        raise ValueError(f"model.likelihood={vae.likelihood} is a probability of 8-bit pixel values; data "
+                         f"'{data_cfg.name}' at {data_cfg.root} holds {'/'.join(sorted(dtypes))} values scaled by "
+                         f"{manifest['scale']:.6g}, not uint8 / 255: use model.likelihood=gaussian (or bernoulli) "
+                         "for these data")
+
+
 class VAEModule(pl.LightningModule):
     """Training, validation and test steps; logs loss, ELBO, reconstruction, KL, IWAE bound, active units.
 
@@ -99,6 +113,11 @@ class VAEModule(pl.LightningModule):
 
         return write_model_grids(self.vae, self.fixed_z, self.val_examples, out_dir, tag, seed=self.cfg.run.seed)
 
+    def on_fit_start(self):
+        manifest = getattr(self.trainer.datamodule, "manifest", None)
+        if manifest is not None:
+            check_pixel_data(self.vae, manifest, self.cfg.data)
+
     # --- objective --------------------------------------------------------------------------------
 
     def beta(self, step: int | None = None) -> float:
@@ -143,6 +162,15 @@ class VAEModule(pl.LightningModule):
             total = self.trainer.strategy.reduce(total, reduce_op="sum")
         means = total[:-1] / total[-1].clamp_min(1)
         self.log_dict({name: value.float() for name, value in zip(names, means)}, on_step=False, on_epoch=True)
+
+    def bits_per_dim(self, terms: dict) -> dict:
+        """bpd_elbo (an upper bound) and bpd_iwae<k> of the terms' per-example bounds in nats, for a
+        likelihood of 8-bit values: -bound / (D ln 2) (docs/images.md); nothing for densities."""
+        factor = self.vae.bits_per_dim
+        if not factor:
+            return {}
+        return {f"bpd_{name}": -value * factor for name, value in terms.items()
+                if name == "elbo" or name.startswith("iwae")}
 
     @staticmethod
     def own_samples(batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, int]:
@@ -209,6 +237,8 @@ class VAEModule(pl.LightningModule):
             names.append("train/shards_skipped")
             values.append(batch["shards_skipped"].float())
         metrics = dict(zip(names, torch.stack(values).tolist()))
+        metrics.update({f"train/{name}": value for name, value in
+                        self.bits_per_dim({k[6:]: v for k, v in metrics.items() if k.startswith("train/")}).items()})
         metrics["train/beta"] = beta
         metrics["train/lr"] = float(self.engine.opt.param_groups[0]["lr"])  # a device tensor under the CUDA graph
         for logger in self.trainer.loggers:
@@ -285,6 +315,7 @@ class VAEModule(pl.LightningModule):
             k = self.cfg.model.eval_k
             with torch.no_grad():
                 terms[f"iwae{k}"] = vae_math.iwae_bound(self.vae.log_weights(x, k, gen))
+        terms.update(self.bits_per_dim(terms))
         self._log_terms(stage, terms, own)
         mu = mu.detach()
         if real is not None:  # whole batches (equal on every rank, for all_gather), padding marked

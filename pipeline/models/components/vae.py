@@ -9,7 +9,9 @@ from torch import nn
 
 from pipeline import vae_math
 from pipeline.models.components.conv import ConvDecoder, ConvEncoder
+from pipeline.models.components.likelihoods import build_likelihood, dims
 from pipeline.models.components.mlp import MLPDecoder, MLPEncoder, mlp
+from pipeline.models.components.resnet import ResNetDecoder, ResNetEncoder
 
 
 class VAE(nn.Module):
@@ -17,38 +19,52 @@ class VAE(nn.Module):
 
     What the training module, evaluation and the pictures use (TwoLayerVAE has the same):
     `objective` (the training terms), `log_weights` (importance log-weights for log p(x)), `encode`
-    (the code of x in the prior's space), `mean` (pixels of a prior draw), `noise_dim`."""
+    (the code of x in the prior's space), `mean` (pixels of a prior draw), `draw` (a draw of
+    p(x|z)), `noise_dim`, `bits_per_dim` (None unless the likelihood is one of 8-bit values).
+    The networks (arch) and the pixel likelihood (components/likelihoods.py) are independent
+    choices: the decoder gives `pixel.param_shape` numbers per sample, whatever the likelihood."""
 
     stochastic_layers = 1
 
     def __init__(self, input_shape: tuple[int, ...], *, arch: str = "mlp", latent_dim: int = 50,
                  hidden: list[int] = (200, 200), activation: str = "tanh", conv_channels: list[int] = (32, 32, 64, 64),
                  conv_hidden: int = 256, likelihood: str = "bernoulli", sigma: float = 1.0, learn_sigma: bool = False,
-                 init: str = "torch"):
+                 init: str = "torch", mixtures: int = 1, res_blocks: int = 1, norm: str = "none"):
         super().__init__()
         self.input_shape = tuple(input_shape)
         self.latent_dim = latent_dim
         self.likelihood = likelihood
+        self.pixel = build_likelihood(likelihood, self.input_shape, mixtures, lambda: self.log_sigma2)
+        out = self.pixel.param_shape
         if arch == "mlp":
             self.encoder = MLPEncoder(self.input_shape, list(hidden), latent_dim, activation)
-            self.decoder = MLPDecoder(self.input_shape, list(hidden)[::-1], latent_dim, activation)
+            self.decoder = MLPDecoder(out, list(hidden)[::-1], latent_dim, activation)
         elif arch == "conv":
             self.encoder = ConvEncoder(self.input_shape, list(conv_channels), latent_dim, conv_hidden, activation)
-            self.decoder = ConvDecoder(self.input_shape, list(conv_channels), latent_dim, conv_hidden, activation)
+            self.decoder = ConvDecoder(self.input_shape, list(conv_channels), latent_dim, conv_hidden, activation, out)
+        elif arch == "resnet":
+            self.encoder = ResNetEncoder(self.input_shape, list(conv_channels), latent_dim, conv_hidden, activation,
+                                         res_blocks, norm)
+            self.decoder = ResNetDecoder(self.input_shape, list(conv_channels), latent_dim, conv_hidden, activation,
+                                         res_blocks, norm, out)
         else:
-            raise ValueError(f"model.arch must be 'mlp' or 'conv', got {arch!r}")
+            raise ValueError(f"model.arch must be 'mlp', 'conv' or 'resnet', got {arch!r}")
         if init == "iwae":
             glorot_init(self)
         elif init != "torch":
             raise ValueError(f"model.init must be 'torch' or 'iwae', got {init!r}")
-        if likelihood not in ("bernoulli", "gaussian"):
-            raise ValueError(f"model.likelihood must be 'bernoulli' or 'gaussian', got {likelihood!r}")
         # Gaussian decoder N(f(z), sigma^2 I): sigma weighs reconstruction against KL (Concept 11.20).
         log_sigma2 = torch.tensor(2.0 * math.log(sigma))
         if learn_sigma:
             self.log_sigma2 = nn.Parameter(log_sigma2)
         else:
             self.register_buffer("log_sigma2", log_sigma2)
+
+    @property
+    def bits_per_dim(self) -> float | None:
+        """Bits/dim per nat of -log p(x), 1 / (D ln 2), for a likelihood of 8-bit pixel values; None for
+        densities (Gaussian) and for Bernoulli pixels (not a probability of the 8-bit data)."""
+        return 1.0 / (dims(self.input_shape) * math.log(2.0)) if self.pixel.discrete else None
 
     @property
     def event_dims(self) -> int:
@@ -81,7 +97,8 @@ class VAE(nn.Module):
         return mu, vae_math.bound_logvar(logvar)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Decoder output for z [..., d]: Bernoulli logits or the Gaussian mean, shape [..., *input_shape]."""
+        """Decoder output for z [..., d]: the likelihood's parameters, [..., *pixel.param_shape]
+        (Bernoulli logits or the Gaussian mean: [..., *input_shape])."""
         return self.decoder(z)
 
     def log_px_given_z(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -90,15 +107,15 @@ class VAE(nn.Module):
             # Decode in [B, K] order: x . logits is then a batched product without copying the
             # [K, B, pixels] logits (the largest tensor of K = 5000 evaluation).
             out = self.decode(z.transpose(0, 1))
-            return vae_math.bernoulli_log_likelihood(x, out, self.event_dims, batch_first=True).t()
-        out = self.decode(z)
-        if self.likelihood == "bernoulli":
-            return vae_math.bernoulli_log_likelihood(x, out, self.event_dims)
-        return vae_math.gaussian_log_likelihood(x, out, vae_math.bound_logvar(self.log_sigma2), self.event_dims)
+            return self.pixel.log_prob(x, out, batch_first=True).t()
+        return self.pixel.log_prob(x, self.decode(z))
 
     def set_output_bias(self, pixel_mean: torch.Tensor) -> None:
         """The IWAE paper's output bias: the decoder starts at the data's mean image, logit(mean)
         for Bernoulli (clipped to [0.001, 0.999] as in the authors' code), the mean for Gaussian."""
+        if self.likelihood not in ("bernoulli", "gaussian"):
+            raise ValueError("model.init=iwae sets a Bernoulli or Gaussian output bias; use model.init=torch with "
+                             f"model.likelihood={self.likelihood}")
         out = output_layer(self.decoder)
         m = pixel_mean.to(out.bias)
         # A convolutional output layer has one bias per channel: the channel's mean.
@@ -107,9 +124,12 @@ class VAE(nn.Module):
             out.bias.copy_(torch.logit(m.clamp(0.001, 0.999)) if self.likelihood == "bernoulli" else m)
 
     def mean(self, z: torch.Tensor) -> torch.Tensor:
-        """E[x|z]: pixel probabilities (Bernoulli) or the mean (Gaussian); for pictures of samples."""
-        out = self.decode(z).float()
-        return torch.sigmoid(out) if self.likelihood == "bernoulli" else out
+        """E[x|z] in [0, 1]-pixels (Bernoulli: the probabilities): what the pictures of samples show."""
+        return self.pixel.mean(self.decode(z))
+
+    def draw(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x ~ p(x|z): one draw of the pixels (8-bit values for the discretised likelihoods)."""
+        return self.pixel.draw(self.decode(z), generator)
 
 
 class GaussianMLP(nn.Module):
@@ -136,9 +156,10 @@ class TwoLayerVAE(VAE):
 
     def __init__(self, input_shape: tuple[int, ...], *, latent_dim: int = 50, latent1_dim: int = 100,
                  hidden: list[int] = (200, 200), hidden2: list[int] = (100, 100), activation: str = "tanh",
-                 likelihood: str = "bernoulli", sigma: float = 1.0, learn_sigma: bool = False, init: str = "torch"):
+                 likelihood: str = "bernoulli", sigma: float = 1.0, learn_sigma: bool = False, init: str = "torch",
+                 mixtures: int = 1):
         super().__init__(input_shape, arch="mlp", latent_dim=latent1_dim, hidden=hidden, activation=activation,
-                         likelihood=likelihood, sigma=sigma, learn_sigma=learn_sigma, init="torch")
+                         likelihood=likelihood, sigma=sigma, learn_sigma=learn_sigma, init="torch", mixtures=mixtures)
         self.latent1_dim, self.latent_dim = latent1_dim, latent_dim
         self.q2 = GaussianMLP(latent1_dim, list(hidden2), latent_dim, activation)
         self.p1 = GaussianMLP(latent_dim, list(hidden2)[::-1], latent1_dim, activation)
@@ -189,6 +210,11 @@ class TwoLayerVAE(VAE):
         """Pixels of top-layer codes z [..., latent_dim], through the mean of p(z1|z2)."""
         return super().mean(self.p1(z)[0])
 
+    def draw(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x ~ p(x|z1) at z1 ~ p(z1|z2)."""
+        mu, logvar = self.p1(z)
+        return super().draw(vae_math.reparameterize(mu, logvar, 1, generator)[0], generator)
+
 
 def glorot_init(module: nn.Module) -> None:
     """Glorot-uniform weights (+-sqrt(6 / (fan_in + fan_out))) and zero biases for every linear and
@@ -212,8 +238,9 @@ def build_vae(model_cfg, input_shape: tuple[int, ...]) -> VAE:
         return TwoLayerVAE(input_shape, latent_dim=model_cfg.latent_dim, latent1_dim=model_cfg.latent1_dim,
                            hidden=list(model_cfg.hidden), hidden2=list(model_cfg.hidden2),
                            activation=model_cfg.activation, likelihood=model_cfg.likelihood, sigma=model_cfg.sigma,
-                           learn_sigma=model_cfg.learn_sigma, init=model_cfg.init)
+                           learn_sigma=model_cfg.learn_sigma, init=model_cfg.init, mixtures=model_cfg.mixtures)
     return VAE(input_shape, arch=model_cfg.arch, latent_dim=model_cfg.latent_dim, hidden=list(model_cfg.hidden),
                activation=model_cfg.activation, conv_channels=list(model_cfg.conv_channels),
                conv_hidden=model_cfg.conv_hidden, likelihood=model_cfg.likelihood, sigma=model_cfg.sigma,
-               learn_sigma=model_cfg.learn_sigma, init=model_cfg.init)
+               learn_sigma=model_cfg.learn_sigma, init=model_cfg.init, mixtures=model_cfg.mixtures,
+               res_blocks=model_cfg.res_blocks, norm=model_cfg.norm)

@@ -93,6 +93,8 @@ class VectorQuantizer(nn.Module):
 class VQVAE(nn.Module):
     """x -> z_e (grid of D-vectors at 1/4 resolution) -> z_q -> decoder logits."""
 
+    bits_per_dim = None  # Bernoulli/Gaussian pixels only (config.validate): no bits/dim
+
     def __init__(self, input_shape: tuple[int, ...], *, channels: int = 64, codebook_size: int = 512,
                  code_dim: int = 64, ema: bool = False, decay: float = 0.99, dead_threshold: float = 0.0,
                  act: str = "relu", likelihood: str = "bernoulli"):

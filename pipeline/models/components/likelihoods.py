@@ -1,0 +1,211 @@
+"""Pixel likelihoods p(x|z) as the decoder's output meets them: how many numbers per pixel the decoder
+gives, the log-probability (vae_math's mathematics), the mean for pictures and a draw.
+
+Data reach every model as floats in [0, 1] (uint8 / 255). The discretised likelihoods see them as
+the 256 bin centres in [-1, 1] (vae_math.to_symmetric) and give probabilities of 8-bit values:
+their -log p(x) in bits per dimension compares with the literature. Bernoulli and Gaussian are
+densities or probabilities of other things (binary pixels, real values): no bits/dim from them
+(docs/images.md, "Bits per dimension")."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import vae_math
+
+LIKELIHOODS = ("bernoulli", "gaussian", "discretized_logistic", "discretized_gaussian")
+
+
+def pixel_grid(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(C, H, W) of an image sample shape (H, W) or (C, H, W)."""
+    if len(shape) == 2:
+        return (1, *shape)
+    if len(shape) == 3:
+        return tuple(shape)
+    raise ValueError(f"a discretised pixel likelihood needs images (H, W) or (C, H, W), got sample shape {tuple(shape)}")
+
+
+class PixelLikelihood:
+    """The interface: `param_shape` (decoder output per sample), `log_prob` (summed over the
+    sample, float32), `mean` and `draw` (pixels in [0, 1]), `discrete` (a probability of 8-bit
+    values: bits/dim apply)."""
+
+    discrete = False
+
+    def __init__(self, input_shape: tuple[int, ...]):
+        self.input_shape = tuple(input_shape)
+
+    @property
+    def param_shape(self) -> tuple[int, ...]:
+        return self.input_shape
+
+    def log_prob(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def draw(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Bernoulli(PixelLikelihood):
+    """Binary pixels from logits."""
+
+    def log_prob(self, x, params, batch_first: bool = False):
+        return vae_math.bernoulli_log_likelihood(x, params, len(self.input_shape), batch_first=batch_first)
+
+    def mean(self, params):
+        return torch.sigmoid(params.float())
+
+    def draw(self, params, generator=None):
+        p = self.mean(params)
+        return (torch.rand(p.shape, generator=generator, device=p.device) < p).float()
+
+
+class Gaussian(PixelLikelihood):
+    """N(f(z), sigma^2 I) on real values; `log_sigma2()` reads the model's (fixed or learned)."""
+
+    def __init__(self, input_shape, log_sigma2: torch.Tensor):
+        super().__init__(input_shape)
+        self.log_sigma2 = log_sigma2
+
+    def log_prob(self, x, params):
+        return vae_math.gaussian_log_likelihood(x, params, vae_math.bound_logvar(self.log_sigma2()),
+                                                len(self.input_shape))
+
+    def mean(self, params):
+        return params.float()
+
+    def draw(self, params, generator=None):
+        noise = torch.randn(params.shape, generator=generator, device=params.device)
+        return params.float() + torch.exp(0.5 * vae_math.bound_logvar(self.log_sigma2())) * noise
+
+
+class Discretized(PixelLikelihood):
+    """A mean and a log-scale per channel and pixel (decoder output [2C, H, W]), each channel's
+    bin probability independent given z: the IAF paper's discretised logistic, or a discretised
+    Gaussian."""
+
+    discrete = True
+
+    def __init__(self, input_shape, kind: str):
+        super().__init__(input_shape)
+        self.channels, self.h, self.w = pixel_grid(self.input_shape)
+        self.bin_log_prob = {"logistic": vae_math.discretized_logistic_log_prob,
+                             "gaussian": vae_math.discretized_gaussian_log_prob}[kind]
+        self.kind = kind
+
+    @property
+    def param_shape(self):
+        return (2 * self.channels, self.h, self.w)
+
+    def _x(self, x):
+        return vae_math.to_symmetric(x.reshape(*x.shape[: x.dim() - len(self.input_shape)], self.channels, self.h, self.w))
+
+    def log_prob(self, x, params):
+        mean, log_scale = params.chunk(2, dim=-3)
+        return self.bin_log_prob(self._x(x), mean, log_scale).flatten(-3).sum(-1)
+
+    def _shape(self, pixels):
+        return pixels.reshape(*pixels.shape[:-3], *self.input_shape)
+
+    def mean(self, params):
+        # Both are symmetric about their mean; the open edge bins pull it in only within a bin or so.
+        return self._shape((params.float().chunk(2, dim=-3)[0].clamp(-1, 1) + 1) / 2)
+
+    def draw(self, params, generator=None):
+        mean, log_scale = params.float().chunk(2, dim=-3)
+        scale = log_scale.clamp(vae_math.LOG_SCALE_MIN, vae_math.LOG_SCALE_MAX).exp()
+        if self.kind == "logistic":
+            u = torch.rand(mean.shape, generator=generator, device=mean.device).clamp(1e-6, 1 - 1e-6)
+            noise = torch.log(u) - torch.log1p(-u)
+        else:
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device)
+        return self._shape(quantize(mean + scale * noise))
+
+
+class LogisticMixture(PixelLikelihood):
+    """PixelCNN++'s (and NVAE's) mixture of M discretised logistics per pixel, one mixture weight
+    for all its channels and each channel's mean coupled linearly to the earlier channels' values."""
+
+    discrete = True
+
+    def __init__(self, input_shape, mixtures: int):
+        super().__init__(input_shape)
+        self.channels, self.h, self.w = pixel_grid(self.input_shape)
+        self.mixtures = mixtures
+
+    @property
+    def param_shape(self):
+        return (vae_math.mixture_param_count(self.mixtures, self.channels), self.h, self.w)
+
+    def log_prob(self, x, params):
+        x = vae_math.to_symmetric(x.reshape(*x.shape[: x.dim() - len(self.input_shape)], self.channels, self.h, self.w))
+        return vae_math.discretized_logistic_mixture_log_prob(x, params, self.mixtures).flatten(-2).sum(-1)
+
+    def mean(self, params):
+        """sum_m pi_m E[x | m], the coupled means taken at the earlier channels' component means."""
+        logits, means, _, coeffs = vae_math.split_mixture_params(params.float(), self.mixtures, self.channels)
+        out = [means[..., 0, :, :].clamp(-1, 1)]
+        pair = 0
+        for i in range(1, self.channels):
+            m = means[..., i, :, :]
+            for j in range(i):
+                m = m + coeffs[..., pair, :, :] * out[j]
+                pair += 1
+            out.append(m.clamp(-1, 1))
+        weights = torch.softmax(logits, dim=-3).unsqueeze(-3)  # [..., M, 1, H, W]
+        pixels = (weights * torch.stack(out, dim=-3)).sum(-4)
+        return pixels.reshape(*pixels.shape[:-3], *self.input_shape).add(1).div(2)
+
+    def draw(self, params, generator=None):
+        logits, means, log_scales, coeffs = vae_math.split_mixture_params(params.float(), self.mixtures, self.channels)
+        gumbel = -torch.log(-torch.log(torch.rand(logits.shape, generator=generator, device=logits.device)
+                                       .clamp(1e-6, 1 - 1e-6)))
+        pick = F.one_hot((logits + gumbel).argmax(-3), self.mixtures).movedim(-1, -3).unsqueeze(-3).float()
+        mean, log_scale = (means * pick).sum(-4), (log_scales * pick).sum(-4)  # [..., C, H, W]
+        coeff = (coeffs * pick).sum(-4)
+        u = torch.rand(mean.shape, generator=generator, device=mean.device).clamp(1e-6, 1 - 1e-6)
+        noise = log_scale.clamp(vae_math.LOG_SCALE_MIN, vae_math.LOG_SCALE_MAX).exp() * (torch.log(u) - torch.log1p(-u))
+        out, pair = [], 0
+        for i in range(self.channels):  # red, then green given the drawn red, ...
+            m = mean[..., i, :, :]
+            for j in range(i):
+                m = m + coeff[..., pair, :, :] * out[j]
+                pair += 1
+            out.append(quantize(m + noise[..., i, :, :]))
+        pixels = torch.stack(out, dim=-3)
+        return (pixels.reshape(*pixels.shape[:-3], *self.input_shape) + 1) / 2
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """A real value in [-1, 1]-space to the centre of its 8-bit bin."""
+    return torch.round((x.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1
+
+
+def build_likelihood(name: str, input_shape: tuple[int, ...], mixtures: int = 1, log_sigma2=None) -> PixelLikelihood:
+    """model.likelihood (and model.mixtures for the discretised logistic: 1 = the IAF paper's,
+    M >= 2 = PixelCNN++'s mixture)."""
+    if name == "bernoulli":
+        return Bernoulli(input_shape)
+    if name == "gaussian":
+        return Gaussian(input_shape, log_sigma2)
+    if name in ("discretized_logistic", "discretized_gaussian"):
+        if mixtures < 1:
+            raise ValueError(f"model.mixtures must be >= 1, got {mixtures}")
+        if name == "discretized_logistic" and mixtures > 1:
+            return LogisticMixture(input_shape, mixtures)
+        if mixtures > 1:
+            raise ValueError("model.mixtures > 1 is the mixture of discretised logistics: use "
+                             "model.likelihood=discretized_logistic")
+        return Discretized(input_shape, name.split("_")[1])
+    raise ValueError(f"model.likelihood must be one of {', '.join(LIKELIHOODS)}, got {name!r}")
+
+
+def dims(input_shape: tuple[int, ...]) -> int:
+    """D of bits/dim: the numbers per sample (pixels x channels)."""
+    return math.prod(input_shape)

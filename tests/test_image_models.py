@@ -1,0 +1,162 @@
+"""Models for natural images: the conv and ResNet pairs at any power-of-two size (and 28), 1 or 3
+channels; the discretised likelihoods through the whole run (fit, validation, summary, wandb, eval);
+colour pictures; no coupling between importance samples or examples (the normalisation choice)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config import ConfigError, load_config
+from pipeline.models.components.vae import VAE
+from tests.conftest import FAST, vaepipe
+from tests.test_image_source import shapes_folder
+from tests.test_tracking import no_wandb_account, wandb_runs
+from tests.wandb_records import read_run
+
+SMALL = dict(latent_dim=4, conv_channels=[8, 16], conv_hidden=32, activation="elu")
+
+
+@pytest.mark.parametrize("arch", ["conv", "resnet"])
+@pytest.mark.parametrize("shape", [(3, 16, 16), (1, 28, 28), (28, 28), (3, 32, 32), (1, 64, 64), (3, 128, 128),
+                                   (1, 256, 256)])
+def test_networks_take_any_power_of_two_side_and_28(arch, shape):
+    """Encoder to (mu, logvar) [B, d]; decoder to the likelihood's parameters at the image's size;
+    one training step's gradients reach every parameter."""
+    torch.manual_seed(0)
+    for likelihood, mixtures, per_channel in (("bernoulli", 1, None), ("discretized_logistic", 3, None)):
+        vae = VAE(shape, arch=arch, likelihood=likelihood, mixtures=mixtures, **SMALL)
+        x = torch.randint(0, 256, (2, *shape)) / 255.0
+        mu, logvar = vae.encode(x)
+        assert mu.shape == logvar.shape == (2, 4)
+        params = vae.decode(torch.randn(5, 2, 4))
+        c = 1 if len(shape) == 2 else shape[0]
+        want = shape if likelihood == "bernoulli" else (3 * (1 + 2 * c + c * (c - 1) // 2), *shape[-2:])
+        assert params.shape == (5, 2, *want)
+        terms, _, _ = vae.objective(x, k=2)
+        terms["loss"].backward()
+        assert all(p.grad is not None for p in vae.parameters())
+        assert vae.mean(torch.randn(3, 4)).shape == (3, *shape)
+
+
+def test_stage_count_follows_the_size():
+    """side -> 4 in log2(side / 4) stride-2 stages: 2 at 16, 6 at 256; a short width list repeats its last."""
+    for side, stages in ((16, 2), (32, 3), (64, 4), (256, 6)):
+        vae = VAE((3, side, side), arch="conv", conv_channels=[8], latent_dim=2, conv_hidden=8)
+        convs = [m for m in vae.encoder.conv if isinstance(m, torch.nn.Conv2d)]
+        assert len(convs) == stages and all(m.out_channels == 8 for m in convs)
+
+
+@pytest.mark.parametrize("shape, words", [((3, 48, 48), "16, 32, 64, 128 or 256"), ((3, 32, 16), "square"),
+                                          ((3, 8, 8), "16, 32"), ((3, 512, 512), "prepare images --size")])
+def test_unsupported_sizes_are_one_clear_error(shape, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(")):
+        VAE(shape, arch="conv", **SMALL)
+
+
+def test_too_many_widths_names_the_count():
+    with pytest.raises(ValueError, match=r"4 widths, but 32x32 images take 3 stride-2 stages .*give 3"):
+        VAE((3, 32, 32), arch="conv", conv_channels=[32, 32, 64, 64], latent_dim=2)
+
+
+@pytest.mark.parametrize("arch, norm", [("conv", "none"), ("resnet", "none"), ("resnet", "group")])
+def test_log_weights_do_not_couple_samples_or_examples(arch, norm):
+    """Each importance log-weight is a function of its own (x, z) only: the same numbers for an example
+    evaluated alone, in a batch, or among more samples (batch statistics would break this, and with it
+    the IWAE bound of one fixed model). Tolerance 1e-3 nats of ~2000: float32 summation order."""
+    torch.manual_seed(0)
+    vae = VAE((3, 16, 16), arch=arch, norm=norm, likelihood="discretized_logistic", mixtures=2, **SMALL).eval()
+    for p in vae.parameters():  # zero-initialised residual branches would hide a coupling
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randint(0, 256, (4, 3, 16, 16)) / 255.0
+    mu, logvar = vae.encode(x)
+    z = mu + torch.randn(6, 4, 4)
+    together = vae.log_px_given_z(x, z)
+    alone = torch.stack([vae.log_px_given_z(x[i:i + 1], z[:2, i:i + 1])[:, 0] for i in range(4)], 1)
+    assert torch.allclose(together[:2], alone, atol=1e-3, rtol=0)
+    assert torch.allclose(vae.encode(x[1:2])[0], mu[1:2], atol=1e-5)
+
+
+def test_config_refuses_mismatched_likelihood_settings():
+    with pytest.raises(ConfigError, match="mixture of discretised logistics"):
+        load_config(overrides=["model.likelihood=discretized_gaussian", "model.mixtures=5"])
+    with pytest.raises(ConfigError, match="model.init=torch"):
+        load_config(overrides=["model.likelihood=discretized_logistic", "model.init=iwae"])
+    with pytest.raises(ConfigError, match="choose one of"):
+        load_config(overrides=["model.likelihood=logistic"])
+    with pytest.raises(ConfigError, match="'model.mixtures'"):
+        load_config(overrides=["model.mixtures=0"])
+
+
+@pytest.fixture(scope="module")
+def rgb16(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rgb16")
+    folder = shapes_folder(root / "src", n_per_class=40)
+    vaepipe("prepare", "images", "--source", folder, "--out", root / "data", "--size", "16", "--val", "16",
+            "--test", "16")
+    return root / "data"
+
+
+RUN = ["data.name=images", "model.latent_dim=4", "model.conv_channels=[8,16]", "model.conv_hidden=32",
+       "data.batch_size=16", "data.eval_batch_size=16", "trainer.max_steps=12", "trainer.max_epochs=-1",
+       "trainer.val_check_interval=6", "trainer.check_val_every_n_epoch=null", "trainer.log_every_n_steps=2",
+       "model.eval_k=3", "trainer.enable_progress_bar=false", "data.num_workers=0"]
+
+
+def test_discrete_likelihood_reports_bits_per_dim_everywhere(rgb16, tmp_path):
+    """fit (validation, summary.json, wandb offline) and eval: bits/dim next to nats, equal to
+    -nats / (D ln 2) with D = 3 * 16 * 16; RGB pictures."""
+    run = tmp_path / "run"
+    vaepipe("fit", f"data.root={rgb16}", f"run.dir={run}", "model.arch=resnet",
+            "model.likelihood=discretized_logistic", "model.mixtures=3", "logger.mode=offline", *RUN,
+            env=no_wandb_account(tmp_path))
+    d_ln2 = 3 * 16 * 16 * np.log(2)
+    metrics = json.loads((run / "summary.json").read_text())["metrics"]
+    for stage in ("val", "test"):
+        assert metrics[f"{stage}/bpd_elbo"] == pytest.approx(-metrics[f"{stage}/elbo"] / d_ln2, rel=1e-5)
+        assert metrics[f"{stage}/bpd_iwae3"] == pytest.approx(-metrics[f"{stage}/iwae3"] / d_ln2, rel=1e-5)
+        assert 0 < metrics[f"{stage}/bpd_iwae3"] <= metrics[f"{stage}/bpd_elbo"] + 1e-6
+    rec = read_run(wandb_runs(run)[0])
+    keys = set().union(*rec["history"])
+    assert {"train/bpd_elbo", "val/bpd_elbo", "val/bpd_iwae3", "test/bpd_iwae3"} <= keys, sorted(keys)
+    picture = Image.open(run / "images" / "samples_final.png")
+    assert picture.mode == "RGB"
+    arr = np.asarray(picture).astype(int)
+    assert np.abs(arr[..., 0] - arr[..., 1]).max() > 0  # colour, not grey written three times
+    result = json.loads(vaepipe("eval", run, "--k", "8", "--json").stdout)
+    assert result["bpd"] == pytest.approx(result["nll"] / d_ln2, rel=1e-6)
+    assert result["bpd_elbo"] == pytest.approx(-result["elbo"] / d_ln2, rel=1e-6) and result["dims"] == 768
+    text = vaepipe("eval", run, "--k", "8").stdout
+    assert f"bits/dim (-log p(x) / (D ln 2), D = 768): {result['bpd']:.4f}" in text
+    out = vaepipe("sample", run, "--out", tmp_path / "draw.png", "--pixels", "draw", "--n", "8").stdout
+    drawn = np.asarray(Image.open(tmp_path / "draw.png"))
+    assert "draw.png" in out and drawn.ndim == 3 and drawn.shape[2] == 3
+
+
+def test_continuous_likelihood_gets_no_bits_per_dim(rgb16, tmp_path):
+    run = tmp_path / "run"
+    vaepipe("fit", f"data.root={rgb16}", f"run.dir={run}", "model.arch=conv", "model.likelihood=gaussian",
+            "logger.backend=csv", *RUN)
+    metrics = json.loads((run / "summary.json").read_text())["metrics"]
+    assert "val/elbo" in metrics and not any("bpd" in k for k in metrics)
+    result = json.loads(vaepipe("eval", run, "--k", "4", "--json").stdout)
+    assert result["bpd"] is None and "not a probability of 8-bit" in result["bpd_note"]
+    assert "bits/dim: not reported" in vaepipe("eval", run, "--k", "4").stdout
+
+
+def test_discrete_likelihood_refuses_data_that_are_not_8_bit(tmp_path):
+    """Float images (an npz of float32 in [0, 1]) under a likelihood of 8-bit pixels: one line naming
+    the likelihood, the data and what to use instead, before any step."""
+    np.savez(tmp_path / "float.npz", x=np.random.default_rng(0).random((40, 16, 16), dtype=np.float32))
+    proc = vaepipe("fit", "data.name=npz", f"data.source={tmp_path / 'float.npz'}", f"data.root={tmp_path / 'data'}",
+                   f"run.dir={tmp_path / 'run'}", "model.arch=conv", "model.likelihood=discretized_gaussian",
+                   "model.conv_channels=[8]", "data.batch_size=8", "trainer.max_steps=2", *FAST, check=False)
+    assert proc.returncode != 0
+    assert "model.likelihood=discretized_gaussian is a probability of 8-bit pixel values" in proc.stderr, \
+        proc.stderr[-2000:]
+    assert "float32" in proc.stderr and "use model.likelihood=gaussian" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
