@@ -5,9 +5,9 @@ loader against the training step's demand.
 For each image size (RGB; generated coloured shapes, and CIFAR-10's real JPEGs when
 ../shared/data/cifar10 is there), prints: disk size, time to prepare (raw) or to write + index
 (encoded), and loader samples/s with 0, 1, 2 workers (batch 100, shuffled training order, verified
-reads), each divided by the demand of the convolutional VAE's training step (forward, backward,
-Adam; batch 100), measured in the same run. The conv VAE of this version takes 64 x 64 inputs, so
-its 3 x 64 x 64 step stands in for every size (issue 27: until the next issue's models land).
+reads), each divided by the demand of the training step at that size (configs/vae_cifar10.yaml's
+conv VAE with the mixture likelihood, forward, backward, Adam; batch 64; bench/image_models.py),
+measured in the same run.
 
     python bench/image_storage.py                     # 32, 64, 128 px (~6 min on 2 cores)
     python bench/image_storage.py --sizes 32 --count 4000
@@ -95,29 +95,12 @@ def loader_rate(root: Path, workers: int, batch: int = 100, seconds: float = 6.0
         epoch += 1
 
 
-def step_demand(batch: int = 100, steps: int = 30, warmup: int = 5, device: str = "cpu") -> float:
-    """Samples/s of the conv VAE's training step on 3 x 64 x 64 inputs (fwd + bwd + Adam)."""
-    from pipeline import vae_math
-    from pipeline.models.components.vae import VAE
+def step_demand(size: int, device: str = "cpu") -> float:
+    """Samples/s of configs/vae_cifar10.yaml's conv VAE's training step at size x size (RGB)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from image_models import build, train_rate
 
-    torch.manual_seed(0)
-    vae = VAE((3, 64, 64), arch="conv", latent_dim=32, likelihood="gaussian").to(device)
-    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
-    x = torch.rand(batch, 3, 64, 64, device=device)
-    steps = steps * (20 if device != "cpu" else 1)
-    for i in range(steps + warmup):
-        if i == warmup:
-            if device != "cpu":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        mu, logvar = vae.encode(x)
-        loss = vae_math.vae_objective(mu, logvar, lambda z: vae.log_px_given_z(x, z))["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    if device != "cpu":
-        torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - t0)
+    return train_rate(build(size, "conv, logistic M=10", device), size, device)
 
 
 def main() -> None:
@@ -128,7 +111,7 @@ def main() -> None:
     ap.add_argument("--no-cifar", action="store_true")
     ap.add_argument("--device", default="cpu", help="where the step demand is measured (cuda on a GPU machine)")
     args = ap.parse_args()
-    demand = step_demand(device=args.device)
+    demand = {s: step_demand(s, args.device) for s in sorted({32, *args.sizes})}
     rows = []
     with tempfile.TemporaryDirectory(prefix="vaepipe-storage-") as tmp:
         tmp = Path(tmp)
@@ -150,12 +133,13 @@ def main() -> None:
             for store, root, disk, secs in (("raw", work / "raw", du(work / "raw"), raw_s),
                                             ("jpeg", work / "index", du(work / "jpg"), write_s + index_s)):
                 rates = [loader_rate(root, w) for w in args.workers]
-                rows.append((label, store, disk, secs, rates))
-    print(f"conv VAE step demand (3x64x64, batch 100, fwd+bwd+Adam, {args.device}): {demand:.0f} samples/s\n")
+                rows.append((label, store, disk, secs, rates, demand[size]))
+    print(f"training step demand (configs/vae_cifar10.yaml's conv VAE, batch 64, fwd+bwd+Adam, {args.device}): "
+          + ", ".join(f"{s} px {d:.0f}" for s, d in demand.items()) + " samples/s\n")
     head = "  ".join(f"{w} wk samples/s (÷ step)" for w in args.workers)
     print(f"{'set':24s} {'store':5s} {'disk MB':>8s} {'prepare s':>9s}  {head}")
-    for label, store, disk, secs, rates in rows:
-        cells = "  ".join(f"{r:9.0f} ({r / demand:5.1f}x)" for r in rates)
+    for label, store, disk, secs, rates, need in rows:
+        cells = "  ".join(f"{r:9.0f} ({r / need:5.1f}x)" for r in rates)
         print(f"{label:24s} {store:5s} {disk / 1e6:8.1f} {secs:9.1f}  {cells}")
     print("\n(raw: `prepare images`, uint8 records, 128 per record; jpeg: standard shards + `vaepipe index`, one "
           "image per record, decoded and resized in the loader; 'prepare s' for jpeg: writing the shards + index)")

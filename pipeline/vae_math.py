@@ -116,9 +116,16 @@ def to_symmetric(x01: torch.Tensor) -> torch.Tensor:
     return x01 * 2.0 - 1.0
 
 
-def _open_edges(x: torch.Tensor, lowest: torch.Tensor, highest: torch.Tensor, middle: torch.Tensor) -> torch.Tensor:
-    # half a bin of slack: x is a bin centre up to float rounding
-    return torch.where(x < -1.0 + PIXEL_HALF_BIN, lowest, torch.where(x > 1.0 - PIXEL_HALF_BIN, highest, middle))
+def bin_edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(k, lower edge, upper edge) of the bins of x: k = 0..255 and the edges 2(k - 128)/255,
+    2(k - 127)/255, each computed from the integer k, so that neighbouring bins share one edge to
+    the bit (x +- 1/255 in float32 leaves gaps of ~6e-8, 6% of the narrowest scale's bin)."""
+    k = torch.round((x + 1.0) * 127.5).clamp(0, 255)
+    return k, (k - 128.0) * (2.0 / 255.0), (k - 127.0) * (2.0 / 255.0)
+
+
+def _open_edges(k: torch.Tensor, lowest: torch.Tensor, highest: torch.Tensor, middle: torch.Tensor) -> torch.Tensor:
+    return torch.where(k == 0, lowest, torch.where(k == 255, highest, middle))
 
 
 @float32
@@ -130,11 +137,11 @@ def discretized_logistic_log_prob(x: torch.Tensor, mean: torch.Tensor, log_scale
     in float32 for a pixel far in either tail, where the difference of two sigmoids is 0 - 0."""
     log_scale = log_scale.clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
     inv_s = torch.exp(-log_scale)
-    centred = x - mean
-    upper, lower = (centred + PIXEL_HALF_BIN) * inv_s, (centred - PIXEL_HALF_BIN) * inv_s
+    k, low, high = bin_edges(x)
+    upper, lower = (high - mean) * inv_s, (low - mean) * inv_s
     log_cdf_upper, log_sf_lower = F.logsigmoid(upper), F.logsigmoid(-lower)
     middle = log_cdf_upper + log_sf_lower + torch.log(-torch.expm1(-2.0 * PIXEL_HALF_BIN * inv_s))
-    return _open_edges(x, log_cdf_upper, log_sf_lower, middle)
+    return _open_edges(k, log_cdf_upper, log_sf_lower, middle)
 
 
 @float32
@@ -143,20 +150,23 @@ def discretized_gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_scale
 
     Phi(u) - Phi(l) is taken on the side of the mean where both tails are small (Phi(-l) - Phi(-u)
     above it) through log Phi, so it keeps its digits far from the mean; a bin much narrower than
-    the standard deviation (width < 1e-3 in standard units) is density x width (error O(width^2))."""
-    log_scale = log_scale.clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
+    the standard deviation (width < 1e-3 in standard units) is density x width (error O(width^2)).
+    Computed in float64 and returned in float32: log Phi's gradient cancels two large terms, which
+    float32 loses a few hundred standard deviations out (NaN gradients at the smallest scale)."""
+    out_dtype = torch.promote_types(x.dtype, torch.float32)
+    x, mean, log_scale = x.double(), mean.double(), log_scale.double().clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
     inv_s = torch.exp(-log_scale)
-    centred = x - mean
-    upper, lower = (centred + PIXEL_HALF_BIN) * inv_s, (centred - PIXEL_HALF_BIN) * inv_s
+    k, low, high = bin_edges(x)
+    upper, lower = (high - mean) * inv_s, (low - mean) * inv_s
     log_cdf_upper, log_sf_lower = torch.special.log_ndtr(upper), torch.special.log_ndtr(-lower)
-    above = centred > 0
+    above = x > mean
     a, b = torch.where(above, -lower, upper), torch.where(above, -upper, lower)  # Phi(a) - Phi(b), a > b
     log_a, log_b = torch.special.log_ndtr(a), torch.special.log_ndtr(b)
     width = 2.0 * PIXEL_HALF_BIN * inv_s
     narrow = width < 1e-3
-    by_cdf = log_a + torch.log(-torch.expm1((log_b - log_a).clamp(max=-1e-30)))
-    by_density = -0.5 * (LOG_2PI + (centred * inv_s).pow(2)) + torch.log(width)
-    return _open_edges(x, log_cdf_upper, log_sf_lower, torch.where(narrow, by_density, by_cdf))
+    by_cdf = log_a + torch.log(-torch.expm1((log_b - log_a).clamp(max=-1e-300)))
+    by_density = -0.5 * (LOG_2PI + ((x - mean) * inv_s).pow(2)) + torch.log(width)
+    return _open_edges(k, log_cdf_upper, log_sf_lower, torch.where(narrow, by_density, by_cdf)).to(out_dtype)
 
 
 def mixture_param_count(mixtures: int, channels: int) -> int:
@@ -178,6 +188,7 @@ def coupled_means(means: torch.Tensor, coeffs: torch.Tensor, x: torch.Tensor) ->
     """PixelCNN++'s channel coupling: channel i's mean is its own plus sum_{j<i} c_ij x_j, so one
     component models the colours of a pixel jointly (red, then green given red, then blue).
     means [..., M, C, H, W], coeffs [..., M, C(C-1)/2, H, W], x [..., 1, C, H, W]."""
+    means = means.expand(torch.broadcast_shapes(means.shape, x.shape))  # one parameter set for a batch of x
     out, pair = [means[..., 0, :, :]], 0
     for i in range(1, means.shape[-3]):
         mean_i = means[..., i, :, :]

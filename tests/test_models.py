@@ -37,8 +37,10 @@ def test_conv_pair_for_64x64_and_its_errors():
     assert mu.shape == (2, 7) and vae.decode(torch.randn(4, 2, 7)).shape == (4, 2, 64, 64)
     rgb = VAE((3, 64, 64), arch="conv", latent_dim=4, conv_channels=[8, 8, 16, 16])
     assert rgb.decode(torch.randn(2, 4)).shape == (2, 3, 64, 64)
-    with pytest.raises(ValueError, match="64x64"):
-        VAE((28, 28), arch="conv")
+    with pytest.raises(ValueError, match="16, 32, 64, 128 or 256 pixels"):
+        VAE((30, 30), arch="conv")
+    with pytest.raises(ValueError, match="4 widths, but 16x16 images take 2"):
+        VAE((16, 16), arch="conv")
     with pytest.raises(ValueError, match="model.activation"):
         VAE((4,), activation="sigmoidish")
 

@@ -114,7 +114,8 @@ class Discretized(PixelLikelihood):
         return pixels.reshape(*pixels.shape[:-3], *self.input_shape)
 
     def mean(self, params):
-        # Both are symmetric about their mean; the open edge bins pull it in only within a bin or so.
+        # The location, clamped to the pixel range: the mean for scales of a few bins (a trained
+        # decoder's); a broad distribution's open edge bins pull its true mean towards the middle.
         return self._shape((params.float().chunk(2, dim=-3)[0].clamp(-1, 1) + 1) / 2)
 
     def draw(self, params, generator=None):
@@ -125,7 +126,7 @@ class Discretized(PixelLikelihood):
             noise = torch.log(u) - torch.log1p(-u)
         else:
             noise = torch.randn(mean.shape, generator=generator, device=mean.device)
-        return self._shape(quantize(mean + scale * noise))
+        return self._shape((quantize(mean + scale * noise) + 1) / 2)
 
 
 class LogisticMixture(PixelLikelihood):
@@ -160,7 +161,8 @@ class LogisticMixture(PixelLikelihood):
             out.append(m.clamp(-1, 1))
         weights = torch.softmax(logits, dim=-3).unsqueeze(-3)  # [..., M, 1, H, W]
         pixels = (weights * torch.stack(out, dim=-3)).sum(-4)
-        return pixels.reshape(*pixels.shape[:-3], *self.input_shape).add(1).div(2)
+        # clamped: the softmax weights may sum to 1 + 1 ulp
+        return pixels.reshape(*pixels.shape[:-3], *self.input_shape).add(1).div(2).clamp(0, 1)
 
     def draw(self, params, generator=None):
         logits, means, log_scales, coeffs = vae_math.split_mixture_params(params.float(), self.mixtures, self.channels)
