@@ -15,7 +15,10 @@
 #    preemption path), and its test NLL with K = 5000 importance samples on the 10 000 test images.
 # 4. bench/image_storage.py on the GPU: does the image loader (CPU decoding, raw or JPEG records) keep
 #    up with the convolutional VAE's training step there (issue 27)? ~3 min.
-# GPU_CHECK_SECTIONS (default "1 2 4 3") picks sections, e.g. "1 2" where one command may run only
+# 5. CIFAR-10 (issue 28): bench/image_models.py's samples/s of the image models at 32/64/128 px, then
+#    configs/vae_cifar10.yaml for GPU_CHECK_CIFAR_STEPS steps (default 3000, batch 64) and its test
+#    bits/dim, importance-sampled with K = 100 on 2000 test images. ~3 min.
+# GPU_CHECK_SECTIONS (default "1 5 2 4 3") picks sections, e.g. "1 2" where one command may run only
 # ~8 minutes (the three together take ~10 on an H100: every training process compiles its step).
 # Data: VAEPIPE_DATA (default ../shared/data) holding binarized_mnist/binarized_mnist_uint8.npz;
 # without it step 3 is skipped and step 2 uses random binary images. Without a GPU it says so and
@@ -27,7 +30,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 DATA=${VAEPIPE_DATA:-../shared/data}
 TRAIN_S=${GPU_CHECK_TRAIN_S:-90}
-SECTIONS=" ${GPU_CHECK_SECTIONS:-1 2 4 3} "
+SECTIONS=" ${GPU_CHECK_SECTIONS:-1 5 2 4 3} "
+CIFAR_STEPS=${GPU_CHECK_CIFAR_STEPS:-3000}
 WORK=${GPU_CHECK_DIR:-$(mktemp -d)}
 mkdir -p "$WORK"
 export WANDB_MODE=offline PYTHONUNBUFFERED=1
@@ -46,6 +50,21 @@ echo "Slurm variables in the environment: $(env | grep -c '^SLURM_') (a fit unde
 if [[ $SECTIONS == *" 1 "* ]]; then
   section "1. throughput"
   "$PY" bench/gpu_throughput.py --data "$DATA/binarized_mnist/binarized_mnist_uint8.npz" || status=1
+fi
+
+if [[ $SECTIONS == *" 5 "* ]]; then
+  section "5. CIFAR-10: image models' samples/s, then ${CIFAR_STEPS} steps of configs/vae_cifar10.yaml and test bits/dim"
+  "$PY" bench/image_models.py --device cuda || status=1
+  ZIP="$DATA/cifar10/cifar10-jpeg.zip"
+  if [ -f "$ZIP" ]; then
+    "$PY" -m pipeline fit -c configs/vae_cifar10.yaml data.source="$ZIP" data.root="$WORK/cifar10" \
+      run.dir="$WORK/cifar10_run" trainer.max_steps="$CIFAR_STEPS" trainer.max_epochs=-1 optim.scheduler=cosine \
+      optim.warmup_steps=100 trainer.gradient_clip_val=200 run.test=false logger.backend=csv \
+      trainer.enable_progress_bar=false 2>&1 | grep -v "^Epoch\|it/s\]$" | tail -12 || status=1
+    "$PY" -m pipeline eval "$WORK/cifar10_run" --k 100 --limit 2000 --device cuda || status=1
+  else
+    echo "skipped the CIFAR-10 run: $ZIP not found"
+  fi
 fi
 
 if [[ $SECTIONS == *" 2 "* ]]; then
