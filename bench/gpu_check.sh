@@ -17,7 +17,8 @@
 #    up with the convolutional VAE's training step there (issue 27)? ~3 min.
 # 5. CIFAR-10 (issue 28): bench/image_models.py's samples/s of the image models at 32/64/128 px, then
 #    configs/vae_cifar10.yaml for GPU_CHECK_CIFAR_STEPS steps (default 3000, batch 64) and its test
-#    bits/dim, importance-sampled with K = 100 on 2000 test images. ~3 min.
+#    bits/dim, importance-sampled with K = 100 on 2000 test images. ~4-5 min (9 benchmark rows of ~10 s
+#    each, the prepare, the compiled fit, the eval).
 # GPU_CHECK_SECTIONS (default "1 5 2 4 3") picks sections, e.g. "1 2" where one command may run only
 # ~8 minutes (the three together take ~10 on an H100: every training process compiles its step).
 # Data: VAEPIPE_DATA (default ../shared/data) holding binarized_mnist/binarized_mnist_uint8.npz;
@@ -54,7 +55,7 @@ fi
 
 if [[ $SECTIONS == *" 5 "* ]]; then
   section "5. CIFAR-10: image models' samples/s, then ${CIFAR_STEPS} steps of configs/vae_cifar10.yaml and test bits/dim"
-  "$PY" bench/image_models.py --device cuda || status=1
+  "$PY" bench/image_models.py --device cuda --seconds 3 || status=1
   ZIP="$DATA/cifar10/cifar10-jpeg.zip"
   if [ -f "$ZIP" ]; then
     "$PY" -m pipeline fit -c configs/vae_cifar10.yaml data.source="$ZIP" data.root="$WORK/cifar10" \

@@ -80,10 +80,10 @@ def eval_rate(vae, size: int, device: str, batch: int = 100, seconds: float = 5.
     return done / (time.perf_counter() - t0)
 
 
-def row(size: int, model: str, device: str) -> dict:
+def row(size: int, model: str, device: str, seconds: float) -> dict:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     vae = build(size, model, device)
-    out = {"train": train_rate(vae, size, device), "eval": eval_rate(vae, size, device),
+    out = {"train": train_rate(vae, size, device, seconds=seconds), "eval": eval_rate(vae, size, device, seconds=seconds),
            "params_m": sum(p.numel() for p in vae.parameters()) / 1e6}
     out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
     if device.startswith("cuda"):
@@ -96,10 +96,11 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seconds", type=float, default=8.0, help="timed seconds per measurement")
     ap.add_argument("--row", nargs=2, metavar=("SIZE", "MODEL"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.row:
-        print(json.dumps(row(int(args.row[0]), args.row[1], args.device)))
+        print(json.dumps(row(int(args.row[0]), args.row[1], args.device, args.seconds)))
         return
     print(f"image models on {args.device} ({torch.get_num_threads()} threads), batch 64, RGB, "
           "peak memory above the process after imports")
@@ -107,7 +108,8 @@ def main() -> None:
           f"{'peak MB' + (' (GPU)' if args.device.startswith('cuda') else ''):>12s}")
     for size in args.sizes:
         for model in args.models:
-            proc = subprocess.run([sys.executable, __file__, "--row", str(size), model, "--device", args.device],
+            proc = subprocess.run([sys.executable, __file__, "--row", str(size), model, "--device", args.device,
+                                   "--seconds", str(args.seconds)],
                                   capture_output=True, text=True)
             if proc.returncode:
                 print(f"{size:4d}  {model:24s} failed: {proc.stderr.strip().splitlines()[-1]}")

@@ -37,7 +37,7 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [200, 200])  # MLP widths; [] = linear
     activation: str = "relu"
     init: str = "torch"  # torch (PyTorch's layer defaults) | iwae (Glorot-uniform, zero biases, output bias = logit of the data mean)
-    conv_channels: list[int] = field(default_factory=lambda: [32, 32, 64, 64])  # conv/resnet: width of each stride-2 stage (side -> 4), a short list repeats its last
+    conv_channels: list[int] = field(default_factory=list)  # conv/resnet: width of each stride-2 stage (side -> 4), a short list repeats its last; [] = 32, 32, 64, 64 cut to the stages
     conv_hidden: int = 256
     res_blocks: int = 1  # resnet: residual blocks per stage
     norm: str = "none"  # resnet: none (zero-initialised residual branches) | group (GroupNorm); never batch statistics (docs/images.md)
@@ -261,10 +261,19 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"bad value for 'data.shuffle_buffer': {cfg.data.shuffle_buffer}; it must be >= 0 "
                           "(0: no shuffle, the split's stored order every epoch)")
     m = cfg.model
+    if m.arch != "resnet" and (m.res_blocks != 1 or m.norm != "none"):
+        raise ConfigError(f"model.res_blocks={m.res_blocks} and model.norm={m.norm} are the ResNet's "
+                          f"(model.arch=resnet); model.arch={m.arch} has no residual blocks")
+    if m.mixtures > 1 and m.likelihood != "discretized_logistic":
+        raise ConfigError(f"model.mixtures={m.mixtures} is a mixture of discretised logistics: use "
+                          f"model.likelihood=discretized_logistic (or model.mixtures=1)")
+    if m.arch == "resnet" and m.init == "iwae":
+        raise ConfigError("model.init=iwae would overwrite the ResNet's zero-initialised residual branches "
+                          "(docs/images.md): use model.init=torch with model.arch=resnet")
     if m.likelihood.startswith("discretized"):
-        if m.likelihood == "discretized_gaussian" and m.mixtures > 1:
-            raise ConfigError(f"model.mixtures={m.mixtures} is a mixture of discretised logistics: use "
-                              "model.likelihood=discretized_logistic (or model.mixtures=1)")
+        if cfg.data.binarize != "none":
+            raise ConfigError(f"model.likelihood={m.likelihood} models 8-bit pixels; data.binarize="
+                              f"{cfg.data.binarize} leaves 0 or 255 only: use model.likelihood=bernoulli")
         if m.init == "iwae":
             raise ConfigError(f"model.init=iwae sets a Bernoulli or Gaussian output bias; with model.likelihood="
                               f"{m.likelihood} use model.init=torch")

@@ -80,12 +80,14 @@ COMPILE_SAMPLES = 5_000_000
 
 
 def default_chunk(batch_size: int, device: torch.device, row_numel: int = 784) -> int:
-    """Samples per pass: on CPU ~4 million decoder outputs (chunk x batch rows of `row_numel`, the
-    likelihood's parameters per sample; ~5000 rows of MNIST's 784 logits), which stay in cache
-    through the likelihood's passes (10x that ran 1.5x slower here: every elementwise pass went to
-    memory; CIFAR-10's mixture likelihood has 102 400 per sample); on a GPU ~100x that."""
-    rows = max(1, (4_000_000 if device.type != "cuda" else 400_000_000) // max(1, row_numel))
-    return min(500 if device.type == "cuda" else 5000, max(1, rows // batch_size))
+    """Samples per pass: on CPU ~5000 decoder rows (chunk x batch), whose [rows, pixels] logits stay
+    in cache through the likelihood's passes (50 000 rows ran 1.5x slower here: every elementwise
+    pass went to memory); on a GPU 500 samples, large passes keeping the device busy. Fewer when a
+    row is large (`row_numel`, the likelihood's parameters per sample: 102 400 for CIFAR-10's
+    mixture): a pass then stays within 50 M numbers on CPU (200 MB a tensor), 800 M on a GPU."""
+    if device.type == "cuda":
+        return min(500, max(1, 800_000_000 // (max(1, row_numel) * batch_size)))
+    return max(1, min(5000, 50_000_000 // max(1, row_numel)) // batch_size)
 
 
 def decoder_numel(vae) -> int:
@@ -182,6 +184,9 @@ def evaluate(ckpt: str | Path, k: int = 5000, split: str = "test", limit: int | 
     cfg, vae = module.cfg, module.vae
     root = data_root = data_root_for(cfg.data.root, data_root)  # never a command/URL from the checkpoint
     manifest = check_data_fits(module, root, split, load_manifest(root, shards))
+    from pipeline.models.components.likelihoods import check_pixel_data  # noqa: PLC0415
+
+    check_pixel_data(vae, manifest, f"data root '{root}'", cfg.data.binarize)
     if cfg.model.family == "vqvae":
         return evaluate_vq(module, ckpt, split, limit, batch_size, data_root, seed, progress, device, manifest)
     chunk = chunk or default_chunk(batch_size, device, decoder_numel(vae))
@@ -326,6 +331,8 @@ def sample(ckpt: str | Path, out: str | Path, n: int = 64, seed: int = 0, split:
     if root and (Path(root) / "manifest.json").is_file():  # reconstructions need fitting data
         check_data_fits(module, root, split)
     if cfg.model.family == "vqvae":  # uniform code grids, and reconstructions as in training
+        if pixels != "mean":
+            raise ValueError("--pixels draw: a VQ-VAE's pictures are its decoder's means (--pixels mean)")
         codes = torch.randint(0, cfg.model.codebook_size, (n, *vae.grid), generator=torch.Generator().manual_seed(seed))
         samples, reconstruct = vae.codes_to_images(codes), vae.reconstruct
     else:

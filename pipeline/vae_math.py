@@ -154,7 +154,8 @@ def discretized_gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_scale
     Computed in float64 and returned in float32: log Phi's gradient cancels two large terms, which
     float32 loses a few hundred standard deviations out (NaN gradients at the smallest scale)."""
     out_dtype = torch.promote_types(x.dtype, torch.float32)
-    x, mean, log_scale = x.double(), mean.double(), log_scale.double().clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
+    inner = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
+    x, mean, log_scale = x.to(inner), mean.to(inner), log_scale.to(inner).clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
     inv_s = torch.exp(-log_scale)
     k, low, high = bin_edges(x)
     upper, lower = (high - mean) * inv_s, (low - mean) * inv_s
@@ -164,7 +165,7 @@ def discretized_gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_scale
     log_a, log_b = torch.special.log_ndtr(a), torch.special.log_ndtr(b)
     width = 2.0 * PIXEL_HALF_BIN * inv_s
     narrow = width < 1e-3
-    by_cdf = log_a + torch.log(-torch.expm1((log_b - log_a).clamp(max=-1e-300)))
+    by_cdf = log_a + torch.log(-torch.expm1((log_b - log_a).clamp(max=-torch.finfo(inner).tiny)))
     by_density = -0.5 * (LOG_2PI + ((x - mean) * inv_s).pow(2)) + torch.log(width)
     return _open_edges(k, log_cdf_upper, log_sf_lower, torch.where(narrow, by_density, by_cdf)).to(out_dtype)
 

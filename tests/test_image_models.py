@@ -61,6 +61,31 @@ def test_unsupported_sizes_are_one_clear_error(shape, words):
 def test_too_many_widths_names_the_count():
     with pytest.raises(ValueError, match=r"4 widths, but 32x32 images take 3 stride-2 stages .*give 3"):
         VAE((3, 32, 32), arch="conv", conv_channels=[32, 32, 64, 64], latent_dim=2)
+    with pytest.raises(ValueError, match=r"32x32 images \(28x28 padded to 32\) take 3"):
+        VAE((28, 28), arch="conv", conv_channels=[32, 32, 64, 64], latent_dim=2)
+    # the default widths (an empty list) follow the size: 32, 32 at 16 px ... 32, 32, 64, 64, 64, 64 at 256
+    for side, widths in ((16, [32, 32]), (64, [32, 32, 64, 64]), (256, [32, 32, 64, 64, 64, 64])):
+        convs = [m for m in VAE((1, side, side), arch="conv", latent_dim=2).encoder.conv if isinstance(m, torch.nn.Conv2d)]
+        assert [m.out_channels for m in convs] == widths
+
+
+def test_group_norm_takes_any_width():
+    """GroupNorm's groups divide the width (gcd with 32): 200 and 50 channels work."""
+    vae = VAE((3, 16, 16), arch="resnet", norm="group", conv_channels=[200, 50], latent_dim=2, conv_hidden=8)
+    norms = [m for m in vae.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_channels % m.num_groups == 0 for m in norms)
+    assert torch.isfinite(vae.objective(torch.rand(2, 3, 16, 16))[0]["loss"])
+
+
+def test_eval_chunk_sizes():
+    """vaepipe eval's samples per pass: the same as before for the existing models (5000 decoder rows
+    on CPU, 500 samples on a GPU), fewer for a large likelihood (CIFAR-10's 100 numbers per pixel)."""
+    from pipeline.evaluate import default_chunk
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert default_chunk(100, cpu, 784) == 50 and default_chunk(100, cpu, 2) == 50  # MNIST, the 2-D GMM
+    assert default_chunk(100, cpu, 4096) == 50 and default_chunk(2000, gpu, 784) == 500  # sprites; MNIST on a GPU
+    assert default_chunk(100, cpu, 100 * 32 * 32) == 4 and default_chunk(100, gpu, 100 * 32 * 32) == 78
 
 
 @pytest.mark.parametrize("arch, norm", [("conv", "none"), ("resnet", "none"), ("resnet", "group")])
@@ -90,6 +115,16 @@ def test_config_refuses_mismatched_likelihood_settings():
         load_config(overrides=["model.likelihood=logistic"])
     with pytest.raises(ConfigError, match="'model.mixtures'"):
         load_config(overrides=["model.mixtures=0"])
+    with pytest.raises(ConfigError, match="mixture of discretised logistics"):
+        load_config(overrides=["model.likelihood=bernoulli", "model.mixtures=10"])
+    with pytest.raises(ConfigError, match="model.arch=conv has no residual blocks"):
+        load_config(overrides=["model.arch=conv", "model.res_blocks=3"])
+    with pytest.raises(ConfigError, match="model.arch=mlp has no residual blocks"):
+        load_config(overrides=["model.arch=mlp", "model.norm=group"])
+    with pytest.raises(ConfigError, match="zero-initialised residual branches"):
+        load_config(overrides=["model.arch=resnet", "model.init=iwae"])
+    with pytest.raises(ConfigError, match="use model.likelihood=bernoulli"):
+        load_config(overrides=["model.likelihood=discretized_logistic", "data.binarize=dynamic"])
 
 
 @pytest.fixture(scope="module")
@@ -123,18 +158,25 @@ def test_discrete_likelihood_reports_bits_per_dim_everywhere(rgb16, tmp_path):
     rec = read_run(wandb_runs(run)[0])
     keys = set().union(*rec["history"])
     assert {"train/bpd_elbo", "val/bpd_elbo", "val/bpd_iwae3", "test/bpd_iwae3"} <= keys, sorted(keys)
-    picture = Image.open(run / "images" / "samples_final.png")
-    assert picture.mode == "RGB"
-    arr = np.asarray(picture).astype(int)
-    assert np.abs(arr[..., 0] - arr[..., 1]).max() > 0  # colour, not grey written three times
+    for kind in ("samples", "recon", "traversal"):
+        picture = Image.open(run / "images" / f"{kind}_final.png")
+        arr = np.asarray(picture).astype(int)
+        assert picture.mode == "RGB" and np.abs(arr[..., 0] - arr[..., 1]).max() > 0, kind  # colour, not grey x3
     result = json.loads(vaepipe("eval", run, "--k", "8", "--json").stdout)
     assert result["bpd"] == pytest.approx(result["nll"] / d_ln2, rel=1e-6)
     assert result["bpd_elbo"] == pytest.approx(-result["elbo"] / d_ln2, rel=1e-6) and result["dims"] == 768
     text = vaepipe("eval", run, "--k", "8").stdout
     assert f"bits/dim (-log p(x) / (D ln 2), D = 768): {result['bpd']:.4f}" in text
     out = vaepipe("sample", run, "--out", tmp_path / "draw.png", "--pixels", "draw", "--n", "8").stdout
-    drawn = np.asarray(Image.open(tmp_path / "draw.png"))
-    assert "draw.png" in out and drawn.ndim == 3 and drawn.shape[2] == 3
+    vaepipe("sample", run, "--out", tmp_path / "mean.png", "--n", "8")
+    drawn, mean = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("draw", "mean"))
+    assert "draw.png" in out and drawn.shape == mean.shape and drawn.shape[2] == 3
+    assert np.abs(drawn - mean).mean() > 1  # the pixels' own noise, not the mean again
+    # The same checkpoint on float data of the same shape: refused, naming the data (not rounded into bins).
+    np.savez(tmp_path / "float.npz", x=np.random.default_rng(0).random((40, 3, 16, 16), dtype=np.float32))
+    vaepipe("prepare", "npz", "--source", tmp_path / "float.npz", "--out", tmp_path / "float")
+    proc = vaepipe("eval", run, "--k", "2", "--data-root", tmp_path / "float", check=False)
+    assert proc.returncode != 0 and "is a probability of 8-bit pixel values" in proc.stderr, proc.stderr[-1500:]
 
 
 def test_continuous_likelihood_gets_no_bits_per_dim(rgb16, tmp_path):

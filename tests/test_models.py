@@ -40,7 +40,8 @@ def test_conv_pair_for_64x64_and_its_errors():
     with pytest.raises(ValueError, match="16, 32, 64, 128 or 256 pixels"):
         VAE((30, 30), arch="conv")
     with pytest.raises(ValueError, match="4 widths, but 16x16 images take 2"):
-        VAE((16, 16), arch="conv")
+        VAE((16, 16), arch="conv", conv_channels=[32, 32, 64, 64])
+    assert VAE((16, 16), arch="conv", latent_dim=5).decode(torch.randn(2, 5)).shape == (2, 16, 16)  # default widths cut to 2
     with pytest.raises(ValueError, match="model.activation"):
         VAE((4,), activation="sigmoidish")
 

@@ -11,6 +11,7 @@ import torch
 from pipeline import vae_math
 from pipeline.config import config_object
 from pipeline.data.stream import derived_seed
+from pipeline.models.components.likelihoods import check_pixel_data
 from pipeline.models.components.vae import build_vae
 from pipeline.models.step_engine import StepEngine, make_optimizer
 
@@ -32,20 +33,6 @@ def _nonfinite_fault() -> tuple[int, str, bool] | None:
         return None
     step, kind = fault.split(":")
     return int(step), kind.rstrip("+"), kind.endswith("+")
-
-
-def check_pixel_data(vae, manifest: dict, data_cfg) -> None:
-    """A likelihood of 8-bit values needs 8-bit data: uint8 shards read as k/255 (binarised is fine:
-    0 and 255). Anything else would give bits/dim of a distribution the data do not come from."""
-    pixel = getattr(vae, "pixel", None)
-    if pixel is None or not pixel.discrete:
-        return
-    dtypes = {split["dtype"] for split in manifest["splits"].values()}
-    if dtypes != {"uint8"} or abs(float(manifest["scale"]) * 255 - 1) > 1e-6:
-        raise ValueError(f"model.likelihood={vae.likelihood} is a probability of 8-bit pixel values; data "
-                         f"'{data_cfg.name}' at {data_cfg.root} holds {'/'.join(sorted(dtypes))} values scaled by "
-                         f"{manifest['scale']:.6g}, not uint8 / 255: use model.likelihood=gaussian (or bernoulli) "
-                         "for these data")
 
 
 class VAEModule(pl.LightningModule):
@@ -116,7 +103,7 @@ class VAEModule(pl.LightningModule):
     def on_fit_start(self):
         manifest = getattr(self.trainer.datamodule, "manifest", None)
         if manifest is not None:
-            check_pixel_data(self.vae, manifest, self.cfg.data)
+            check_pixel_data(self.vae, manifest, f"data.root '{self.cfg.data.root}'", self.cfg.data.binarize)
 
     # --- objective --------------------------------------------------------------------------------
 

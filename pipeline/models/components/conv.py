@@ -13,6 +13,7 @@ from torch import nn
 from pipeline.models.components.mlp import activation
 
 BASE = 4  # the encoder's last grid is BASE x BASE, where the fully connected head takes over
+DEFAULT_WIDTHS = [32, 32, 64, 64]  # model.conv_channels=[]: the first log2(side / 4) of these (64 repeated)
 
 
 def image_geometry(shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -20,7 +21,7 @@ def image_geometry(shape: tuple[int, ...]) -> tuple[int, int, int]:
     chw = (1, *shape) if len(shape) == 2 else tuple(shape)
     if len(chw) != 3 or chw[1] != chw[2]:
         raise ValueError(f"the convolutional networks need square images (H, W) or (C, H, W), got sample shape "
-                         f"{tuple(shape)}")
+                         f"{tuple(shape)}: `vaepipe prepare images --size N` resizes and centre-crops a source")
     side = chw[1]
     if side == 28:  # MNIST: padded to 32 by 2 pixels each side, cropped back after the decoder
         return chw[0], 32, 2
@@ -30,15 +31,18 @@ def image_geometry(shape: tuple[int, ...]) -> tuple[int, int, int]:
     return chw[0], side, 0
 
 
-def stage_widths(channels: list[int], side: int) -> list[int]:
+def stage_widths(channels: list[int], side: int, pad: int = 0) -> list[int]:
     """Widths of the stride-2 stages side -> 4: model.conv_channels, one per stage from the input
-    side; a shorter list repeats its last width, a longer one is an error naming the count."""
+    side; a shorter list repeats its last width, a longer one is an error naming the count; an
+    empty one (the default) takes the first stages of DEFAULT_WIDTHS (32, 32, 64, 64 at 64 px)."""
     stages = int(math.log2(side // BASE))
     if not channels:
-        raise ValueError("model.conv_channels needs at least one width")
+        channels = DEFAULT_WIDTHS[:stages]
     if len(channels) > stages:
-        raise ValueError(f"model.conv_channels has {len(channels)} widths, but {side}x{side} images take {stages} "
-                         f"stride-2 stages ({side} -> {BASE}): give {stages}, e.g. {list(channels[:stages])}")
+        padded = f" ({side - 2 * pad}x{side - 2 * pad} padded to {side})" if pad else ""
+        raise ValueError(f"model.conv_channels has {len(channels)} widths, but {side}x{side} images{padded} take "
+                         f"{stages} stride-2 stages ({side} -> {BASE}): give {stages}, e.g. {list(channels[:stages])}, "
+                         "or [] for the default widths")
     return list(channels) + [channels[-1]] * (stages - len(channels))
 
 
@@ -49,7 +53,7 @@ class ConvEncoder(nn.Module):
                  act: str = "relu"):
         super().__init__()
         c, side, self.pad = image_geometry(input_shape)
-        widths = stage_widths(channels, side)
+        widths = stage_widths(channels, side, self.pad)
         layers: list[nn.Module] = []
         for c_in, c_out in zip([c, *widths[:-1]], widths):
             layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), activation(act)]
@@ -74,7 +78,7 @@ class ConvDecoder(nn.Module):
         self.output_shape = tuple(output_shape or input_shape)
         _, side, self.pad = image_geometry(input_shape)
         out_c = image_geometry(self.output_shape)[0]
-        rev = list(reversed(stage_widths(channels, side)))
+        rev = list(reversed(stage_widths(channels, side, self.pad)))
         self.head = nn.Sequential(nn.Linear(latent_dim, hidden), activation(act), nn.Linear(hidden, rev[0] * BASE * BASE),
                                   activation(act))
         layers: list[nn.Module] = []

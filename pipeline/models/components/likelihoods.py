@@ -31,7 +31,8 @@ def pixel_grid(shape: tuple[int, ...]) -> tuple[int, int, int]:
 class PixelLikelihood:
     """The interface: `param_shape` (decoder output per sample), `log_prob` (summed over the
     sample, float32), `mean` and `draw` (pixels in [0, 1]), `discrete` (a probability of 8-bit
-    values: bits/dim apply)."""
+    values: bits/dim apply). `log_sigma2`: the model's Gaussian log-variance (a parameter or buffer
+    of the model, passed in: a likelihood holds no tensors of its own), ignored by the others."""
 
     discrete = False
 
@@ -42,47 +43,42 @@ class PixelLikelihood:
     def param_shape(self) -> tuple[int, ...]:
         return self.input_shape
 
-    def log_prob(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    def log_prob(self, x: torch.Tensor, params: torch.Tensor, log_sigma2=None) -> torch.Tensor:
         raise NotImplementedError
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def draw(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def draw(self, params: torch.Tensor, generator: torch.Generator | None = None, log_sigma2=None) -> torch.Tensor:
         raise NotImplementedError
 
 
 class Bernoulli(PixelLikelihood):
     """Binary pixels from logits."""
 
-    def log_prob(self, x, params, batch_first: bool = False):
+    def log_prob(self, x, params, log_sigma2=None, batch_first: bool = False):
         return vae_math.bernoulli_log_likelihood(x, params, len(self.input_shape), batch_first=batch_first)
 
     def mean(self, params):
         return torch.sigmoid(params.float())
 
-    def draw(self, params, generator=None):
+    def draw(self, params, generator=None, log_sigma2=None):
         p = self.mean(params)
         return (torch.rand(p.shape, generator=generator, device=p.device) < p).float()
 
 
 class Gaussian(PixelLikelihood):
-    """N(f(z), sigma^2 I) on real values; `log_sigma2()` reads the model's (fixed or learned)."""
+    """N(f(z), sigma^2 I) on real values, log sigma^2 the model's (fixed or learned)."""
 
-    def __init__(self, input_shape, log_sigma2: torch.Tensor):
-        super().__init__(input_shape)
-        self.log_sigma2 = log_sigma2
-
-    def log_prob(self, x, params):
-        return vae_math.gaussian_log_likelihood(x, params, vae_math.bound_logvar(self.log_sigma2()),
-                                                len(self.input_shape))
+    def log_prob(self, x, params, log_sigma2=None):
+        return vae_math.gaussian_log_likelihood(x, params, vae_math.bound_logvar(log_sigma2), len(self.input_shape))
 
     def mean(self, params):
         return params.float()
 
-    def draw(self, params, generator=None):
+    def draw(self, params, generator=None, log_sigma2=None):
         noise = torch.randn(params.shape, generator=generator, device=params.device)
-        return params.float() + torch.exp(0.5 * vae_math.bound_logvar(self.log_sigma2())) * noise
+        return params.float() + torch.exp(0.5 * vae_math.bound_logvar(log_sigma2)) * noise
 
 
 class Discretized(PixelLikelihood):
@@ -106,7 +102,7 @@ class Discretized(PixelLikelihood):
     def _x(self, x):
         return vae_math.to_symmetric(x.reshape(*x.shape[: x.dim() - len(self.input_shape)], self.channels, self.h, self.w))
 
-    def log_prob(self, x, params):
+    def log_prob(self, x, params, log_sigma2=None):
         mean, log_scale = params.chunk(2, dim=-3)
         return self.bin_log_prob(self._x(x), mean, log_scale).flatten(-3).sum(-1)
 
@@ -118,7 +114,7 @@ class Discretized(PixelLikelihood):
         # decoder's); a broad distribution's open edge bins pull its true mean towards the middle.
         return self._shape((params.float().chunk(2, dim=-3)[0].clamp(-1, 1) + 1) / 2)
 
-    def draw(self, params, generator=None):
+    def draw(self, params, generator=None, log_sigma2=None):
         mean, log_scale = params.float().chunk(2, dim=-3)
         scale = log_scale.clamp(vae_math.LOG_SCALE_MIN, vae_math.LOG_SCALE_MAX).exp()
         if self.kind == "logistic":
@@ -144,7 +140,7 @@ class LogisticMixture(PixelLikelihood):
     def param_shape(self):
         return (vae_math.mixture_param_count(self.mixtures, self.channels), self.h, self.w)
 
-    def log_prob(self, x, params):
+    def log_prob(self, x, params, log_sigma2=None):
         x = vae_math.to_symmetric(x.reshape(*x.shape[: x.dim() - len(self.input_shape)], self.channels, self.h, self.w))
         return vae_math.discretized_logistic_mixture_log_prob(x, params, self.mixtures).flatten(-2).sum(-1)
 
@@ -164,7 +160,7 @@ class LogisticMixture(PixelLikelihood):
         # clamped: the softmax weights may sum to 1 + 1 ulp
         return pixels.reshape(*pixels.shape[:-3], *self.input_shape).add(1).div(2).clamp(0, 1)
 
-    def draw(self, params, generator=None):
+    def draw(self, params, generator=None, log_sigma2=None):
         logits, means, log_scales, coeffs = vae_math.split_mixture_params(params.float(), self.mixtures, self.channels)
         gumbel = -torch.log(-torch.log(torch.rand(logits.shape, generator=generator, device=logits.device)
                                        .clamp(1e-6, 1 - 1e-6)))
@@ -189,13 +185,13 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
     return torch.round((x.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1
 
 
-def build_likelihood(name: str, input_shape: tuple[int, ...], mixtures: int = 1, log_sigma2=None) -> PixelLikelihood:
+def build_likelihood(name: str, input_shape: tuple[int, ...], mixtures: int = 1) -> PixelLikelihood:
     """model.likelihood (and model.mixtures for the discretised logistic: 1 = the IAF paper's,
     M >= 2 = PixelCNN++'s mixture)."""
     if name == "bernoulli":
         return Bernoulli(input_shape)
     if name == "gaussian":
-        return Gaussian(input_shape, log_sigma2)
+        return Gaussian(input_shape)
     if name in ("discretized_logistic", "discretized_gaussian"):
         if mixtures < 1:
             raise ValueError(f"model.mixtures must be >= 1, got {mixtures}")
@@ -206,6 +202,23 @@ def build_likelihood(name: str, input_shape: tuple[int, ...], mixtures: int = 1,
                              "model.likelihood=discretized_logistic")
         return Discretized(input_shape, name.split("_")[1])
     raise ValueError(f"model.likelihood must be one of {', '.join(LIKELIHOODS)}, got {name!r}")
+
+
+def check_pixel_data(vae, manifest: dict, where: str, binarize: str = "none") -> None:
+    """A likelihood of 8-bit values needs 8-bit data: uint8 shards read as k/255, not binarised.
+    Anything else would give bits/dim of a distribution the data do not come from (binarised
+    pixels are 0 or 255 only: a figure that looks like an 8-bit one and is not)."""
+    pixel = getattr(vae, "pixel", None)
+    if pixel is None or not pixel.discrete:
+        return
+    dtypes = {split["dtype"] for split in manifest["splits"].values()}
+    if dtypes != {"uint8"} or abs(float(manifest["scale"]) * 255 - 1) > 1e-6:
+        raise ValueError(f"model.likelihood={vae.likelihood} is a probability of 8-bit pixel values; {where} holds "
+                         f"'{manifest.get('name')}' {'/'.join(sorted(dtypes))} values scaled by {manifest['scale']:.6g}, "
+                         "not uint8 / 255: use model.likelihood=gaussian (or bernoulli) for these data")
+    if binarize != "none":
+        raise ValueError(f"model.likelihood={vae.likelihood} models 8-bit pixels; data.binarize={binarize} leaves "
+                         "0 or 255 only: use model.likelihood=bernoulli for binarised data")
 
 
 def dims(input_shape: tuple[int, ...]) -> int:

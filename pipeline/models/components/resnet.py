@@ -13,6 +13,8 @@ those couplings, at ~15% more time a step on CPU."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -24,7 +26,7 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
     if kind == "none":
         return nn.Identity()
     if kind == "group":
-        return nn.GroupNorm(min(32, channels // 4) or 1, channels)
+        return nn.GroupNorm(math.gcd(32, channels), channels)  # up to 32 groups that divide the width
     raise ValueError(f"model.norm must be 'none' or 'group', got {kind!r}")
 
 
@@ -54,7 +56,7 @@ class ResNetEncoder(nn.Module):
                  act: str = "relu", res_blocks: int = 1, norm: str = "none"):
         super().__init__()
         c, side, self.pad = image_geometry(input_shape)
-        widths = stage_widths(channels, side)
+        widths = stage_widths(channels, side, self.pad)
         layers: list[nn.Module] = [nn.Conv2d(c, widths[0], 3, padding=1)]
         for c_in, c_out in zip([widths[0], *widths[:-1]], widths):
             layers += [activation(act), nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), *blocks(res_blocks, c_out, act, norm)]
@@ -78,7 +80,7 @@ class ResNetDecoder(nn.Module):
         super().__init__()
         self.output_shape = tuple(output_shape or input_shape)
         _, side, self.pad = image_geometry(input_shape)
-        rev = list(reversed(stage_widths(channels, side)))
+        rev = list(reversed(stage_widths(channels, side, self.pad)))
         self.head = nn.Sequential(nn.Linear(latent_dim, hidden), activation(act), nn.Linear(hidden, rev[0] * BASE * BASE))
         layers: list[nn.Module] = []
         for c_in, c_out in zip(rev, [*rev[1:], rev[-1]]):

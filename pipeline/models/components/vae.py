@@ -27,14 +27,14 @@ class VAE(nn.Module):
     stochastic_layers = 1
 
     def __init__(self, input_shape: tuple[int, ...], *, arch: str = "mlp", latent_dim: int = 50,
-                 hidden: list[int] = (200, 200), activation: str = "tanh", conv_channels: list[int] = (32, 32, 64, 64),
+                 hidden: list[int] = (200, 200), activation: str = "tanh", conv_channels: list[int] = (),
                  conv_hidden: int = 256, likelihood: str = "bernoulli", sigma: float = 1.0, learn_sigma: bool = False,
                  init: str = "torch", mixtures: int = 1, res_blocks: int = 1, norm: str = "none"):
         super().__init__()
         self.input_shape = tuple(input_shape)
         self.latent_dim = latent_dim
         self.likelihood = likelihood
-        self.pixel = build_likelihood(likelihood, self.input_shape, mixtures, lambda: self.log_sigma2)
+        self.pixel = build_likelihood(likelihood, self.input_shape, mixtures)
         out = self.pixel.param_shape
         if arch == "mlp":
             self.encoder = MLPEncoder(self.input_shape, list(hidden), latent_dim, activation)
@@ -107,8 +107,8 @@ class VAE(nn.Module):
             # Decode in [B, K] order: x . logits is then a batched product without copying the
             # [K, B, pixels] logits (the largest tensor of K = 5000 evaluation).
             out = self.decode(z.transpose(0, 1))
-            return self.pixel.log_prob(x, out, batch_first=True).t()
-        return self.pixel.log_prob(x, self.decode(z))
+            return self.pixel.log_prob(x, out, batch_first=True).t()  # Bernoulli: no log_sigma2
+        return self.pixel.log_prob(x, self.decode(z), self.log_sigma2)
 
     def set_output_bias(self, pixel_mean: torch.Tensor) -> None:
         """The IWAE paper's output bias: the decoder starts at the data's mean image, logit(mean)
@@ -129,7 +129,7 @@ class VAE(nn.Module):
 
     def draw(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """x ~ p(x|z): one draw of the pixels (8-bit values for the discretised likelihoods)."""
-        return self.pixel.draw(self.decode(z), generator)
+        return self.pixel.draw(self.decode(z), generator, self.log_sigma2)
 
 
 class GaussianMLP(nn.Module):
