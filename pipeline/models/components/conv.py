@@ -46,18 +46,24 @@ def stage_widths(channels: list[int], side: int, pad: int = 0) -> list[int]:
     return list(channels) + [channels[-1]] * (stages - len(channels))
 
 
+def plain_stages(c: int, widths: list[int], act: str) -> list[nn.Module]:
+    """The encoder's body: a stride-2 4x4 convolution and an activation per stage."""
+    layers: list[nn.Module] = []
+    for c_in, c_out in zip([c, *widths[:-1]], widths):
+        layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), activation(act)]
+    return layers
+
+
 class ConvEncoder(nn.Module):
-    """Stride-2 4x4 convolutions side -> 4, then a linear map to (mu, raw logvar)."""
+    """Stride-2 4x4 convolutions side -> 4, then a linear map to (mu, raw logvar). `stages`: the
+    body's layers from (input channels, stage widths, activation) (the ResNet's has residual blocks)."""
 
     def __init__(self, input_shape: tuple[int, ...], channels: list[int], latent_dim: int, hidden: int = 256,
-                 act: str = "relu"):
+                 act: str = "relu", stages=plain_stages):
         super().__init__()
         c, side, self.pad = image_geometry(input_shape)
         widths = stage_widths(channels, side, self.pad)
-        layers: list[nn.Module] = []
-        for c_in, c_out in zip([c, *widths[:-1]], widths):
-            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), activation(act)]
-        self.conv = nn.Sequential(*layers, nn.Flatten())
+        self.conv = nn.Sequential(*stages(c, widths, act), nn.Flatten())
         self.head = nn.Sequential(nn.Linear(widths[-1] * BASE * BASE, hidden), activation(act),
                                   nn.Linear(hidden, 2 * latent_dim))
         self.chw = (c, side - 2 * self.pad, side - 2 * self.pad)

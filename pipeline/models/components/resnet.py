@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from pipeline.models.components.conv import BASE, crop, image_geometry, pad, stage_widths
+from pipeline.models.components.conv import BASE, ConvEncoder, crop, image_geometry, stage_widths
 from pipeline.models.components.mlp import activation
 
 
@@ -48,27 +48,20 @@ def blocks(n: int, channels: int, act: str, norm: str) -> list[nn.Module]:
     return [ResBlock(channels, act, norm) for _ in range(n)]
 
 
-class ResNetEncoder(nn.Module):
-    """3x3 stem, then per stage a stride-2 4x4 convolution and residual blocks, down to 4x4; a
-    linear head gives (mu, raw logvar)."""
+class ResNetEncoder(ConvEncoder):
+    """3x3 stem, then per stage a stride-2 4x4 convolution and residual blocks, down to 4x4; the
+    conv encoder's linear head gives (mu, raw logvar)."""
 
     def __init__(self, input_shape: tuple[int, ...], channels: list[int], latent_dim: int, hidden: int = 256,
                  act: str = "relu", res_blocks: int = 1, norm: str = "none"):
-        super().__init__()
-        c, side, self.pad = image_geometry(input_shape)
-        widths = stage_widths(channels, side, self.pad)
-        layers: list[nn.Module] = [nn.Conv2d(c, widths[0], 3, padding=1)]
-        for c_in, c_out in zip([widths[0], *widths[:-1]], widths):
-            layers += [activation(act), nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), *blocks(res_blocks, c_out, act, norm)]
-        self.conv = nn.Sequential(*layers, activation(act), nn.Flatten())
-        self.head = nn.Sequential(nn.Linear(widths[-1] * BASE * BASE, hidden), activation(act),
-                                  nn.Linear(hidden, 2 * latent_dim))
-        self.chw = (c, side - 2 * self.pad, side - 2 * self.pad)
+        def stages(c: int, widths: list[int], act: str) -> list[nn.Module]:
+            layers: list[nn.Module] = [nn.Conv2d(c, widths[0], 3, padding=1)]
+            for c_in, c_out in zip([widths[0], *widths[:-1]], widths):
+                layers += [activation(act), nn.Conv2d(c_in, c_out, 4, stride=2, padding=1),
+                           *blocks(res_blocks, c_out, act, norm)]
+            return [*layers, activation(act)]
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = pad(x.reshape(x.shape[0], *self.chw), self.pad)
-        mu, logvar = self.head(self.conv(x)).chunk(2, dim=-1)
-        return mu, logvar
+        super().__init__(input_shape, channels, latent_dim, hidden, act, stages)
 
 
 class ResNetDecoder(nn.Module):
