@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = {  # name: VAE keyword arguments (the configs' models)
     "conv, logistic M=10": dict(arch="conv", conv_channels=[64, 128, 256], mixtures=10),
     "conv, logistic M=1": dict(arch="conv", conv_channels=[64, 128, 256], mixtures=1),
-    "resnet, logistic M=10": dict(arch="resnet", conv_channels=[32, 64, 128], res_blocks=1, mixtures=10),
+    "resnet, logistic M=10": dict(arch="resnet", conv_channels=[64, 128, 256], res_blocks=1, mixtures=10),
 }
 COMMON = dict(latent_dim=128, conv_hidden=512, activation="elu", likelihood="discretized_logistic")
 
