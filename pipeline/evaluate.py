@@ -37,7 +37,18 @@ def load_module(ckpt: str | Path):
         # given the stored weights, as Lightning's load_from_checkpoint would, without a second read.
         checkpoint = load_checkpoint(ckpt)
         hparams = checkpoint["hyper_parameters"]
-        module = module_class(hparams["config"]["model"].get("family", "vae"))(**hparams)
+        cls = module_class(hparams["config"]["model"].get("family", "vae"))
+        # The stored config sizes the networks (widths, mixtures, ...): built first on the meta
+        # device (no memory), it must describe exactly the stored weights, so a crafted config
+        # cannot make this process allocate more than the file itself holds.
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in cls(**hparams).state_dict().items()}
+        stored = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
+        if shapes != stored:
+            wrong = sorted(set(shapes) ^ set(stored)) or [k for k in shapes if shapes[k] != stored[k]]
+            raise ValueError(f"{ckpt}: its config does not describe its weights (first difference: {wrong[0]}): "
+                             "a damaged or edited checkpoint")
+        module = cls(**hparams)
         module.on_load_checkpoint(checkpoint)
         module.load_state_dict(checkpoint["state_dict"])
     except UnsafeCheckpointError:

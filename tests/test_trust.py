@@ -57,6 +57,18 @@ def edit_manifest(root: Path, change) -> Path:
 
 # --- 1. a checkpoint's stored data root is never a command ------------------------------------------
 
+def test_a_checkpoint_config_cannot_size_networks_beyond_its_weights(trained, tmp_path):
+    """The stored config sizes the networks before the weights are loaded: widths of 10^8 (tens of
+    GB of parameters) are refused from the config's own description, before any allocation."""
+    ckpt = load_checkpoint(trained / "checkpoints/last.ckpt")
+    ckpt["hyper_parameters"]["config"]["model"]["hidden"] = [100_000_000]
+    crafted = tmp_path / "wide.ckpt"
+    torch.save(ckpt, crafted)
+    for args in (["eval", crafted, "--k", "2", "--limit", "4"], ["sample", crafted, "--out", tmp_path / "s.png"]):
+        proc = vaepipe(*args, check=False, timeout=120)
+        one_line_error(proc, "does not describe its weights")
+
+
 def test_a_checkpoint_with_a_pipe_data_root_runs_nothing(trained, sprites_root, tmp_path):
     marker = tmp_path / "pwned"
     ckpt = load_checkpoint(trained / "checkpoints/last.ckpt")

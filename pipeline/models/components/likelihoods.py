@@ -81,16 +81,31 @@ class Gaussian(PixelLikelihood):
         return params.float() + torch.exp(0.5 * vae_math.bound_logvar(log_sigma2)) * noise
 
 
-class Discretized(PixelLikelihood):
+class EightBit(PixelLikelihood):
+    """What the discretised likelihoods share: images (C, H, W) seen as bin centres in [-1, 1]."""
+
+    discrete = True
+
+    def __init__(self, input_shape):
+        super().__init__(input_shape)
+        self.channels, self.h, self.w = pixel_grid(self.input_shape)
+
+    def symmetric(self, x):
+        """x [..., *input_shape] in [0, 1] -> [..., C, H, W] in [-1, 1]."""
+        return vae_math.to_symmetric(x.reshape(*x.shape[: x.dim() - len(self.input_shape)], self.channels, self.h, self.w))
+
+    def pixels(self, sym):
+        """[..., C, H, W] in [-1, 1] -> [..., *input_shape] in [0, 1]."""
+        return ((sym + 1) / 2).reshape(*sym.shape[:-3], *self.input_shape)
+
+
+class Discretized(EightBit):
     """A mean and a log-scale per channel and pixel (decoder output [2C, H, W]), each channel's
     bin probability independent given z: the IAF paper's discretised logistic, or a discretised
     Gaussian."""
 
-    discrete = True
-
     def __init__(self, input_shape, kind: str):
         super().__init__(input_shape)
-        self.channels, self.h, self.w = pixel_grid(self.input_shape)
         self.bin_log_prob = {"logistic": vae_math.discretized_logistic_log_prob,
                              "gaussian": vae_math.discretized_gaussian_log_prob}[kind]
         self.kind = kind
@@ -99,41 +114,31 @@ class Discretized(PixelLikelihood):
     def param_shape(self):
         return (2 * self.channels, self.h, self.w)
 
-    def _x(self, x):
-        return vae_math.to_symmetric(x.reshape(*x.shape[: x.dim() - len(self.input_shape)], self.channels, self.h, self.w))
-
     def log_prob(self, x, params, log_sigma2=None):
         mean, log_scale = params.chunk(2, dim=-3)
-        return self.bin_log_prob(self._x(x), mean, log_scale).flatten(-3).sum(-1)
-
-    def _shape(self, pixels):
-        return pixels.reshape(*pixels.shape[:-3], *self.input_shape)
+        return self.bin_log_prob(self.symmetric(x), mean, log_scale).flatten(-3).sum(-1)
 
     def mean(self, params):
         # The location, clamped to the pixel range: the mean for scales of a few bins (a trained
         # decoder's); a broad distribution's open edge bins pull its true mean towards the middle.
-        return self._shape((params.float().chunk(2, dim=-3)[0].clamp(-1, 1) + 1) / 2)
+        return self.pixels(params.float().chunk(2, dim=-3)[0].clamp(-1, 1))
 
     def draw(self, params, generator=None, log_sigma2=None):
         mean, log_scale = params.float().chunk(2, dim=-3)
         scale = log_scale.clamp(vae_math.LOG_SCALE_MIN, vae_math.LOG_SCALE_MAX).exp()
         if self.kind == "logistic":
-            u = torch.rand(mean.shape, generator=generator, device=mean.device).clamp(1e-6, 1 - 1e-6)
-            noise = torch.log(u) - torch.log1p(-u)
+            noise = logistic_noise(mean.shape, generator, mean.device)
         else:
             noise = torch.randn(mean.shape, generator=generator, device=mean.device)
-        return self._shape((quantize(mean + scale * noise) + 1) / 2)
+        return self.pixels(quantize(mean + scale * noise))
 
 
-class LogisticMixture(PixelLikelihood):
+class LogisticMixture(EightBit):
     """PixelCNN++'s (and NVAE's) mixture of M discretised logistics per pixel, one mixture weight
     for all its channels and each channel's mean coupled linearly to the earlier channels' values."""
 
-    discrete = True
-
     def __init__(self, input_shape, mixtures: int):
         super().__init__(input_shape)
-        self.channels, self.h, self.w = pixel_grid(self.input_shape)
         self.mixtures = mixtures
 
     @property
@@ -141,43 +146,46 @@ class LogisticMixture(PixelLikelihood):
         return (vae_math.mixture_param_count(self.mixtures, self.channels), self.h, self.w)
 
     def log_prob(self, x, params, log_sigma2=None):
-        x = vae_math.to_symmetric(x.reshape(*x.shape[: x.dim() - len(self.input_shape)], self.channels, self.h, self.w))
-        return vae_math.discretized_logistic_mixture_log_prob(x, params, self.mixtures).flatten(-2).sum(-1)
+        return vae_math.discretized_logistic_mixture_log_prob(self.symmetric(x), params, self.mixtures).flatten(-2).sum(-1)
 
     def mean(self, params):
         """sum_m pi_m E[x | m], the coupled means taken at the earlier channels' component means."""
         logits, means, _, coeffs = vae_math.split_mixture_params(params.float(), self.mixtures, self.channels)
-        out = [means[..., 0, :, :].clamp(-1, 1)]
-        pair = 0
-        for i in range(1, self.channels):
-            m = means[..., i, :, :]
-            for j in range(i):
-                m = m + coeffs[..., pair, :, :] * out[j]
-                pair += 1
-            out.append(m.clamp(-1, 1))
+        per_component = channel_by_channel(means, coeffs, lambda i, m: m.clamp(-1, 1))  # [..., M, C, H, W]
         weights = torch.softmax(logits, dim=-3).unsqueeze(-3)  # [..., M, 1, H, W]
-        pixels = (weights * torch.stack(out, dim=-3)).sum(-4)
         # clamped: the softmax weights may sum to 1 + 1 ulp
-        return pixels.reshape(*pixels.shape[:-3], *self.input_shape).add(1).div(2).clamp(0, 1)
+        return self.pixels((weights * per_component).sum(-4)).clamp(0, 1)
 
     def draw(self, params, generator=None, log_sigma2=None):
         logits, means, log_scales, coeffs = vae_math.split_mixture_params(params.float(), self.mixtures, self.channels)
         gumbel = -torch.log(-torch.log(torch.rand(logits.shape, generator=generator, device=logits.device)
                                        .clamp(1e-6, 1 - 1e-6)))
         pick = F.one_hot((logits + gumbel).argmax(-3), self.mixtures).movedim(-1, -3).unsqueeze(-3).float()
-        mean, log_scale = (means * pick).sum(-4), (log_scales * pick).sum(-4)  # [..., C, H, W]
-        coeff = (coeffs * pick).sum(-4)
-        u = torch.rand(mean.shape, generator=generator, device=mean.device).clamp(1e-6, 1 - 1e-6)
-        noise = log_scale.clamp(vae_math.LOG_SCALE_MIN, vae_math.LOG_SCALE_MAX).exp() * (torch.log(u) - torch.log1p(-u))
-        out, pair = [], 0
-        for i in range(self.channels):  # red, then green given the drawn red, ...
-            m = mean[..., i, :, :]
-            for j in range(i):
-                m = m + coeff[..., pair, :, :] * out[j]
-                pair += 1
-            out.append(quantize(m + noise[..., i, :, :]))
-        pixels = torch.stack(out, dim=-3)
-        return (pixels.reshape(*pixels.shape[:-3], *self.input_shape) + 1) / 2
+        mean, log_scale, coeff = ((t * pick).sum(-4) for t in (means, log_scales, coeffs))  # the picked component
+        noise = log_scale.clamp(vae_math.LOG_SCALE_MIN, vae_math.LOG_SCALE_MAX).exp() * \
+            logistic_noise(mean.shape, generator, mean.device)
+        # red, then green given the drawn red, ...
+        return self.pixels(channel_by_channel(mean, coeff, lambda i, m: quantize(m + noise[..., i, :, :])))
+
+
+def channel_by_channel(means: torch.Tensor, coeffs: torch.Tensor, value) -> torch.Tensor:
+    """PixelCNN++'s coupling taken in channel order when the earlier channels' values are made on the
+    way (a mean, a draw): channel i's value is value(i, mean_i + sum_{j<i} c_ij value_j).
+    means [..., C, H, W], coeffs [..., C(C-1)/2, H, W]; vae_math.coupled_means is the same with
+    the values given."""
+    out, pair = [], 0
+    for i in range(means.shape[-3]):
+        m = means[..., i, :, :]
+        for j in range(i):
+            m = m + coeffs[..., pair, :, :] * out[j]
+            pair += 1
+        out.append(value(i, m))
+    return torch.stack(out, dim=-3)
+
+
+def logistic_noise(shape, generator, device) -> torch.Tensor:
+    u = torch.rand(shape, generator=generator, device=device).clamp(1e-6, 1 - 1e-6)
+    return torch.log(u) - torch.log1p(-u)
 
 
 def quantize(x: torch.Tensor) -> torch.Tensor:
