@@ -70,6 +70,9 @@ class SlurmCluster:
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none", "MpiDefault=none", "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core", "ReturnToService=2", "MinJobAge=600", "KillWait=10",
+            # the cluster's own account of each job, printed when a test's job does not end as expected:
+            # debug logs and one completion record per run of a job (a requeued job has several)
+            "SlurmctldDebug=debug", "SlurmdDebug=debug", "JobCompType=jobcomp/filetxt", f"JobCompLoc={d / 'jobcomp.txt'}",
             f"NodeName=n1 NodeHostname=n1 NodeAddr=127.0.0.1 Port={ports[1]} CPUs={self.cpus}",
             f"NodeName=n2 NodeHostname=n2 NodeAddr=127.0.0.1 Port={ports[2]} CPUs={self.cpus}",
             "PartitionName=multi Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP", ""]))
@@ -119,6 +122,23 @@ class SlurmCluster:
         out = self.run("scontrol", "show", "job", "-o", job_id, check=False).stdout
         return dict(re.findall(r"(\w+)=(\S*)", out))
 
+    def account(self, job_id: str, lines: int = 40) -> str:
+        """What Slurm itself says about a job: state, reason, exit code and restarts, one completion
+        record per run (JobCompType=jobcomp/filetxt), and the daemons' last log lines naming it."""
+        base = job_id.split("_")[0]
+        named = re.compile(rf"(JobId={base}\b|job[ _]?{base}\b|StepId={base}\b|\b{base}_\d|\[{base}\.(batch|\d))", re.I)
+        parts = [f"--- scontrol show job {job_id} ---", self.run("scontrol", "show", "job", job_id, check=False).stdout.strip()
+                 or "(slurmctld no longer knows the job)"]
+        comp = self.dir / "jobcomp.txt"
+        records = [ln for ln in comp.read_text(errors="replace").splitlines() if f"JobId={base} " in ln] \
+            if comp.is_file() else []
+        parts += ["--- completion records (jobcomp) ---", *(records or ["(none)"])]
+        for log in [self.dir / "slurmctld.log", *sorted(self.dir.glob("slurmd-*.log"))]:
+            text = log.read_text(errors="replace").splitlines() if log.is_file() else []
+            parts += [f"--- {log.name}: last {lines} lines naming job {base} ---",
+                      *([ln for ln in text if named.search(ln)][-lines:] or ["(none)"])]
+        return "\n".join(parts)
+
     def wait(self, job_id: str, timeout: float = 300, release_requeued: bool = True) -> dict:
         """Until the job completes or fails; a requeued job (held ~120 s by Slurm) is released at once."""
         deadline = time.time() + timeout
@@ -130,7 +150,14 @@ class SlurmCluster:
             if release_requeued and state == "PENDING" and int(info.get("Restarts", "0")) > 0:
                 self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
             time.sleep(1)
-        raise TimeoutError(f"job {job_id} still {self.job(job_id).get('JobState')} after {timeout} s")
+        raise TimeoutError(f"job {job_id} still {self.job(job_id).get('JobState')} after {timeout} s\n"
+                           + self.account(job_id))
+
+
+def explain(cluster: "SlurmCluster", job_id: str, output: str = "", lines: int = 40) -> str:
+    """A failed assertion's message: the job's output (tail), then the cluster's account of the job
+    (`scontrol show job`, its completion records, the daemons' last log lines that name it)."""
+    return "\n".join([f"--- job {job_id}: output (tail) ---", output[-3000:], cluster.account(job_id, lines)])
 
 
 def _alive(pid: int) -> bool:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from tests.slurm_cluster import SlurmCluster, missing
+from tests.slurm_cluster import SlurmCluster, explain, missing
 from pipeline.checkpoints import load_checkpoint
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
@@ -51,7 +51,7 @@ def test_multi_process_jobs_train_and_finish(cluster, sprites_root, tmp_path, no
                  f"trainer.num_nodes={nodes}", f"trainer.devices={tasks}", "--nodes", nodes, *COMMON, *SMALL)
     info = cluster.wait(job, timeout=240)
     log = (run_dir / f"slurm-{job}.out").read_text()
-    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert info["JobState"] == "COMPLETED", explain(cluster, job, log)
     assert f"{nodes * tasks} task(s)" in log and (nodes == 1 or "n[1-2]" in log)
     ckpt = final(run_dir)
     assert ckpt["global_step"] == 12
@@ -81,7 +81,7 @@ def test_time_limit_signal_checkpoint_requeue_and_finish(cluster, sprites_root, 
     cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=00:15:00", check=False)
     info = cluster.wait(job, timeout=600)
     log = (run_dir / f"slurm-{job}.out").read_text()
-    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert info["JobState"] == "COMPLETED", explain(cluster, job, log)
     assert int(info["Restarts"]) >= 1 and "SIGUSR1: checkpoint of step" in log and f"requeue of job {job}: done" in log
     step = int(re.search(r"SIGUSR1: checkpoint of step (\d+)", log).group(1))
     assert 0 < step < 2000
@@ -111,7 +111,7 @@ def test_scancel_signals_and_plain_restart(cluster, sprites_root, tmp_path):
             time.sleep(0.5)
     info = cluster.wait(job, timeout=300)
     log = (run_dir / f"slurm-{job}.out").read_text()
-    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert info["JobState"] == "COMPLETED", explain(cluster, job, log)
     assert "SIGUSR1: checkpoint of step" in log and "SIGTERM: checkpoint of step" in log
     assert int(info["Restarts"]) == 2 and log.count("resuming from") == 2
     assert final(run_dir)["global_step"] == 1500
@@ -179,7 +179,7 @@ def test_local_sweep_as_a_job_array_with_two_task_trials(cluster, sprites_root, 
     for task in (0, 1):
         info = cluster.wait(f"{job}_{task}", timeout=300)
         log = (out / f"slurm-{job}_{task}.out").read_text()
-        assert info["JobState"] == "COMPLETED", log[-3000:]
+        assert info["JobState"] == "COMPLETED", explain(cluster, f"{job}_{task}", log)
     rows = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "results", str(out)], cwd=ROOT, text=True,
                           capture_output=True, check=True).stdout
     assert rows.count(" done") == 2, rows
@@ -205,14 +205,14 @@ def test_two_node_job_signalled_continues_as_a_one_node_job(cluster, sprites_roo
     cluster.run("scancel", "--signal=USR1", job)
     cluster.wait(job, timeout=240)
     log = (run_dir / f"slurm-{job}.out").read_text()
-    assert "SIGUSR1: checkpoint of step" in log, log[-3000:]
+    assert "SIGUSR1: checkpoint of step" in log, explain(cluster, job, log)
     stopped = final(run_dir)
     assert 0 < stopped["global_step"] < 600
     assert [p["world_size"] for p in stopped["ShardDataModule"]["stream_positions"]] == [2, 2]
     job2 = submit(cluster, *common, "trainer.num_nodes=1", "--nodes", 1)
     info = cluster.wait(job2, timeout=300)
     log2 = (run_dir / f"slurm-{job2}.out").read_text()
-    assert info["JobState"] == "COMPLETED", log2[-3000:]
+    assert info["JobState"] == "COMPLETED", explain(cluster, job2, log2)
     assert "data.batch_size 16 -> 32 per process" in log2 and "world_size 2 -> 1" in log2
     done = final(run_dir)
     assert done["global_step"] == 600
