@@ -196,6 +196,45 @@ class LastCheckpoint(Checkpoint):
         self.save(trainer)
 
 
+class SweepReport(pl.Callback):
+    """A trial of a local sweep (VAEPIPE_SWEEP_DIR/VAEPIPE_SWEEP_TRIAL, set by `vaepipe sweep trial`):
+    after each validation rank 0 reports the sweep's metric to the study as the next iteration
+    (pipeline/launch/search.py); when its pruner says so, every rank stops here, cleanly: last.ckpt
+    and summary.json are written as at any end, the summary marked `pruned`. The iteration count
+    is in the checkpoint, so a resumed trial goes on counting (and does not report twice)."""
+
+    def __init__(self, folder: str, number: int, metric: str):
+        self.folder, self.number, self.metric = folder, number, metric
+        self.iteration = 0
+        self.pruned: dict | None = None
+
+    def on_validation_end(self, trainer, module):
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self.iteration += 1
+        prune = False
+        if trainer.is_global_zero:
+            value = trainer.callback_metrics.get(self.metric)
+            value = float(value) if value is not None else None
+            if value is not None and np.isfinite(value):
+                from pipeline.launch.search import report
+
+                prune = report(self.folder, self.number, value, self.iteration)
+                if prune:
+                    self.pruned = {"iteration": self.iteration, "step": trainer.global_step, "value": value}
+        if trainer.strategy.broadcast(prune, src=0):
+            trainer.should_stop = True
+            if trainer.is_global_zero:
+                rank_zero_info(f"sweep: pruned at validation {self.iteration} (step {trainer.global_step}, "
+                               f"{self.metric} = {self.pruned['value']:.6g}): worse than the study's other trials there")
+
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.iteration = int(state_dict.get("iteration", 0))
+
+
 class RankStates(pl.Callback):
     """Every rank's RNG states (torch, CUDA, numpy, python) in the checkpoint, each restored on its
     own rank. Training noise is seeded per step (VAEModule.generator), so exactness does not rest

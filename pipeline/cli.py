@@ -138,10 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = sweep.add_parser("submit", help="a Slurm job array of `wandb agent --count 1`, one trial per task")
     q.add_argument("sweep_id", help="ENTITY/PROJECT/ID as `sweep create` printed it")
     _array_args(q)
-    q = sweep.add_parser("local", help="run a grid/random sweep without a wandb server; results table")
+    q = sweep.add_parser("local", help="run a grid/random/bayes sweep (and its early_terminate) without a wandb "
+                                       "server: an Optuna study in the sweep folder; results table and picture")
     q.add_argument("file")
-    q.add_argument("--trials", type=int, help="number of trials (grid: the first N points; random: default 10)")
-    q.add_argument("--seed", type=int, default=0, help="seed of the random draws")
+    q.add_argument("--trials", type=int, help="number of trials (grid: the first N points; random, bayes: default 10)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the random draws and of the bayes sampler")
     q.add_argument("--out", help="sweep folder (default runs/sweeps/<file stem>)")
     q.add_argument("--slurm", action="store_true", help="submit the trials as a Slurm job array instead")
     q.add_argument("--parallel", type=int, help="with --slurm: at most this many trials at once")
@@ -354,7 +355,7 @@ def run_sweep(args: argparse.Namespace) -> int:
                                  "or leave them out to run the trials here one after the other")
             rows = sw.run_local(args.file, out, args.trials, args.seed, trial_overrides)
             print(f"\n{sw.format_table(rows)}\n\nresults: {out / 'results.csv'}, {out / 'results.md'}")
-            return 0 if all(r["status"] == "done" for r in rows) else 1
+            return 0 if all(r["status"] in ("done", "pruned") for r in rows) else 1
         # the job first: a size it cannot have is refused before the plan is written
         cfg = load_config(args.config, [*job_settings, sw.dotlist_item("run.dir", str(out)), "run.name=sweep"])
         sw.job_size(cfg)
@@ -369,7 +370,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     elif cmd == "results":
         print(sw.format_table(sw.results(args.dir)))
     elif cmd == "trial":
-        return sw.run_trial(args.dir, args.index, replace_process=True)
+        return sw.run_trial(args.dir, args.index)
     return 0
 
 

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import TQDMProgressBar
 
 from pipeline.callbacks import (AtomicCheckpointIO, ImageGrids, LastCheckpoint, RankStates, RunModelCheckpoint,
-                                StepProgressBar, Throughput, is_own_checkpoint)
+                                StepProgressBar, SweepReport, Throughput, is_own_checkpoint)
 from pipeline.checkpoints import load_checkpoint
 from pipeline.config import ConfigError, flatten, to_yaml
 from pipeline.data.location import is_remote
@@ -338,7 +338,7 @@ def trainer_kwargs(cfg: DictConfig, k: int = 1) -> dict:
 
 def build_trainer(cfg: DictConfig, run_dir: Path, images: ImageGrids, last: LastCheckpoint,
                   throughput: Throughput, run_id: str | None = None, datamodule: ShardDataModule | None = None,
-                  k: int = 1) -> pl.Trainer:
+                  k: int = 1, sweep_report: SweepReport | None = None) -> pl.Trainer:
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
         RunModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}-{step}", monitor=cfg.run.monitor, mode="min",
@@ -349,6 +349,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, images: ImageGrids, last: Last
         callbacks.append(RunModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:08d}", monitor="step", mode="max",
                                          save_top_k=cfg.run.keep_last, every_n_train_steps=cfg.run.every_n_train_steps,
                                          auto_insert_metric_name=False))
+    if sweep_report is not None:  # before last.ckpt is written at the same validation: its count is saved
+        callbacks.append(sweep_report)
     callbacks.append(last)  # after the ModelCheckpoints (LastCheckpoint's doc)
     if cfg.trainer.enable_progress_bar:
         callbacks.append(StepProgressBar(lambda: datamodule.steps_per_epoch, refresh_rate=10) if datamodule
@@ -420,6 +422,18 @@ def _fit(cfg: DictConfig) -> dict:
         return _train(cfg, run_dir, t0)
 
 
+def sweep_trial_report() -> SweepReport | None:
+    """The study reporter when this fit is a trial of a local sweep (`vaepipe sweep trial` sets the
+    variables: the sweep folder and the study's trial number)."""
+    folder, number = os.environ.get("VAEPIPE_SWEEP_DIR"), os.environ.get("VAEPIPE_SWEEP_TRIAL", "")
+    if not folder or not number.isdigit():
+        return None
+    from pipeline.launch.sweep import load_sweep
+
+    metric = load_sweep(Path(folder) / "sweep.yaml", compose=False)["metric"]["name"]
+    return SweepReport(folder, int(number), metric)
+
+
 def _train(cfg: DictConfig, run_dir: Path, t0: float) -> dict:
     primary_log = print if is_primary_process() else (lambda *_: None)
     if is_primary_process():
@@ -459,7 +473,8 @@ def _train(cfg: DictConfig, run_dir: Path, t0: float) -> dict:
         run_id = wandb_run_id(run_dir, resumed_run_id, write=is_primary_process(),
                               new=cfg.run.resume == "never")
     throughput = Throughput()
-    trainer = build_trainer(cfg, run_dir, images, preemption, throughput, run_id, datamodule, k)
+    sweep_report = sweep_trial_report()
+    trainer = build_trainer(cfg, run_dir, images, preemption, throughput, run_id, datamodule, k, sweep_report)
     if ckpt_path and is_primary_process():
         print(f"resuming from {ckpt_path}")
     metrics = {}
@@ -473,7 +488,8 @@ def _train(cfg: DictConfig, run_dir: Path, t0: float) -> dict:
             # so that the summary has the run's metrics rather than none.
             trainer.validate(module, datamodule=datamodule, verbose=False)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-        if cfg.run.test and not module.diverged and "test" in datamodule.manifest["splits"]:
+        pruned = sweep_report.pruned if sweep_report else None
+        if cfg.run.test and not module.diverged and not pruned and "test" in datamodule.manifest["splits"]:
             trainer.test(module, datamodule=datamodule, verbose=False)  # the final weights: test/* metrics
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     except Preempted:
@@ -496,7 +512,7 @@ def _train(cfg: DictConfig, run_dir: Path, t0: float) -> dict:
         "images": [str(p) for p in images.latest.values()], "seconds": time.time() - t0,
         "global_step": trainer.global_step, "preempted_at": preemption.stopped_at,
         "epoch_samples_dropped": plan.dropped if plan else 0, "epoch_samples_repeated": plan.repeated if plan else 0,
-        "metrics": metrics,
+        "metrics": metrics, "pruned": sweep_report.pruned if sweep_report else None,
         "wandb_run_id": run_id, "train_samples_per_s": throughput.samples_per_s,
     }
     if trainer.is_global_zero:

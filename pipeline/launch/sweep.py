@@ -29,6 +29,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from pipeline.config import ConfigError, flatten, load_config
+from pipeline.launch.search import JOURNAL, check_early_terminate, distributions
 from pipeline.outputs import write_text
 
 METHODS = ("grid", "random", "bayes")
@@ -36,9 +37,10 @@ DISTRIBUTIONS = ("constant", "categorical", "uniform", "int_uniform", "q_uniform
                  "q_log_uniform_values", "log_uniform", "normal")
 
 
-def load_sweep(path: str | Path) -> dict:
-    """The sweep YAML, checked: method, metric, command, and every parameter a config key with a
-    distribution this module (or, for bayes, the wandb server) can draw from."""
+def load_sweep(path: str | Path, compose: bool = True) -> dict:
+    """The sweep YAML, checked: method, metric, early_terminate, command, and every parameter a
+    config key with a distribution this module (bayes: pipeline.launch.search) can draw from.
+    compose=False skips composing the trial's config (a trial's own fit reading its sweep)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sweep file not found: {path}")
@@ -52,6 +54,7 @@ def load_sweep(path: str | Path) -> dict:
     if sweep.get("method") not in METHODS:
         raise ConfigError(f"{where}: bad value for 'method': {sweep.get('method')!r}; choose one of {', '.join(METHODS)}")
     _check_metric(where, sweep.get("metric"))
+    check_early_terminate(where, sweep.get("early_terminate"))
     command = sweep.get("command")
     # a string would be read letter by letter, a mapping by its keys: only a list is a command line
     if not isinstance(command, list) or not all(isinstance(c, (str, int, float)) for c in command):
@@ -71,6 +74,10 @@ def load_sweep(path: str | Path) -> dict:
         _check_parameter(where, sweep["method"], name, spec)
         for value in _values(spec):
             _check_value(where, name, value)
+    if sweep["method"] == "bayes":
+        distributions(where, params)  # what the study cannot model is refused here, not by the first agent
+    if not compose:
+        return sweep
     configs = [str(c) for i, c in enumerate(command) if i and command[i - 1] in ("-c", "--config")]
     words = [c for c in command[command.index("fit") + 1:] if "=" in c and not c.startswith("-")]
     for trial in draw(sweep, 1, seed=0) if sweep["method"] != "bayes" else [first_values(params)]:
@@ -199,9 +206,8 @@ def _sample(spec: dict, rng: random.Random):
 def draw(sweep: dict, trials: int | None, seed: int = 0) -> list[dict]:
     """Parameter sets: the grid in order (its first `trials`), or `trials` random draws."""
     params = sweep["parameters"]
-    if sweep["method"] == "bayes":
-        raise ConfigError("method: bayes needs the wandb server (it models the results so far): use "
-                          "`vaepipe sweep create` + `vaepipe sweep submit`, or set method: random for local sweeps")
+    if sweep["method"] == "bayes":  # its points come from the study, one per trial as it starts
+        return [None] * (trials or 10)
     if sweep["method"] == "grid":
         names = list(params)
         choices = [params[n]["values"] if "values" in params[n] else [params[n]["value"]] for n in names]
@@ -252,8 +258,17 @@ def _trial_env() -> dict:
     return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
+def trial_command(sweep: dict, params: dict, extra: list[str], name: str, index: int, run_dir: Path) -> list[str]:
+    """Trial `index`'s command: the agent's, the user's overrides after it, its folder and names
+    exactly as given (quoted), whatever characters they hold."""
+    return agent_command(sweep, params) + list(extra) + [
+        dotlist_item("run.name", f"{name}-trial{index:03d}"), dotlist_item("run.dir", str(run_dir)),
+        dotlist_item("logger.group", name)]
+
+
 def plan_local(path: str | Path, out_dir: str | Path, trials: int | None, seed: int, extra: list[str]) -> dict:
-    """Draw the trials and write them to out_dir/trials.json (the array tasks read it from there)."""
+    """Draw the trials and write them to out_dir/trials.json (the array tasks read it from there).
+    A bayes sweep's points are not drawn here: each trial asks the study as it starts."""
     if trials is not None and trials < 1:  # 0 would mean the whole grid, -1 all but its last point
         raise ValueError(f"--trials must be >= 1, got {trials}")
     sweep = load_sweep(path)
@@ -262,15 +277,24 @@ def plan_local(path: str | Path, out_dir: str | Path, trials: int | None, seed: 
     for i, params in enumerate(draw(sweep, trials, seed)):
         # absolute, as the command has it: `sweep results` may run from another folder
         run_dir = (Path(out_dir) / f"trial-{i:03d}").resolve()
-        # the folder and names exactly as given (quoted), whatever characters they hold
-        command = agent_command(sweep, params) + list(extra) + [
-            dotlist_item("run.name", f"{name}-trial{i:03d}"), dotlist_item("run.dir", str(run_dir)),
-            dotlist_item("logger.group", name)]
+        command = trial_command(sweep, params, extra, name, i, run_dir) if params is not None else None
         rows.append({"index": i, "params": params, "run_dir": str(run_dir), "command": command})
-    _check_trial_command(path, rows[0]["command"])
-    plan = {"sweep": name, "metric": sweep["metric"], "trials": rows}
+    _check_trial_command(path, trial_command(sweep, first_values(sweep["parameters"]), extra, name, 0, Path(rows[0]["run_dir"]))
+                         if sweep["method"] == "bayes" else rows[0]["command"])
+    plan = {"sweep": name, "method": sweep["method"], "metric": sweep["metric"], "seed": seed, "extra": list(extra),
+            "trials": rows}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / JOURNAL).exists():  # the same sweep again continues it; another one would mix two studies
+        try:
+            same = read_plan(out_dir) == json.loads(json.dumps(plan, default=str)) and \
+                (out_dir / "sweep.yaml").read_text() == Path(path).read_text()
+        except (ConfigError, OSError):
+            same = False
+        if not same:
+            raise FileExistsError(f"{out_dir} holds the study of another sweep (or other --trials/--seed/overrides); "
+                                  f"`vaepipe sweep results {out_dir}` shows it: choose another --out")
+        return plan
     write_text(out_dir / "sweep.yaml", Path(path).read_text(), "sweep file")  # never through a planted link
     write_text(out_dir / "trials.json", json.dumps(plan, indent=1, default=str) + "\n", "sweep plan")
     return plan
@@ -319,10 +343,13 @@ def _plan_problem(plan) -> str | None:
         return f"bad value for 'metric': {plan.get('metric')!r}"
     if not isinstance(plan.get("trials"), list):
         return f"bad value for 'trials': {plan.get('trials')!r}"
-    shapes = {"index": int, "params": dict, "run_dir": str, "command": list}
+    bayes = plan.get("method") == "bayes"  # its trials' points and commands come from the study
+    if not isinstance(plan.get("extra", []), list) or not all(isinstance(c, str) for c in plan.get("extra", [])):
+        return f"bad value for 'extra': {plan.get('extra')!r}"
+    shapes = {"index": int, "params": type(None) if bayes else dict, "run_dir": str, "command": type(None) if bayes else list}
     for i, t in enumerate(plan["trials"]):
         bad = [k for k, kind in shapes.items() if not isinstance(t, dict) or not isinstance(t.get(k), kind)]
-        if bad or not t["command"] or not all(isinstance(c, str) for c in t["command"]):
+        if bad or not bayes and (not t["command"] or not all(isinstance(c, str) for c in t["command"])):
             return f"trial {i}: bad value for '{(bad or ['command'])[0]}'"
     return None
 
@@ -386,53 +413,101 @@ def _values(spec) -> list:
     return list(spec.get("values") or []) + ([spec["value"]] if "value" in spec else []) if isinstance(spec, dict) else []
 
 
-def run_trial(out_dir: str | Path, index: int, replace_process: bool = False) -> int:
+def run_trial(out_dir: str | Path, index: int) -> int:
     """Run trial `index` of a local sweep folder: always this Python's `vaepipe fit`, with the
-    trial's checked arguments (a trials.json names no program that runs)."""
-    trials = read_plan(out_dir)["trials"]
+    trial's checked arguments (a trials.json names no program that runs), as a trial of the
+    folder's study (pipeline/launch/search.py): the point asked of it (bayes), the metric reported
+    at each validation, the end told to it. A slot whose trial already ended is not run again; one
+    still RUNNING (a requeued Slurm task, a restarted sweep) resumes its run folder."""
+    from pipeline.launch import search
+
+    out_dir = Path(out_dir).resolve()
+    plan = read_plan(out_dir)
+    trials = plan["trials"]
     if not 0 <= index < len(trials):  # -1 would run the last trial
         raise ValueError(f"{out_dir}: no trial {index}: this sweep has {len(trials)} trials"
                          + (f" (0-{len(trials) - 1})" if trials else ""))
     trial = trials[index]
+    sweep = {**load_sweep(out_dir / "sweep.yaml", compose=False), "_trials": len(trials)}
+    study = search.open_study(out_dir, sweep, plan.get("seed", 0), index)
+    started = search.start_trial(study, index, sweep, fixed=trial["params"])
+    if started is None:
+        print(f"trial {index}: already ended ({search.slot_trials(study)[index].state.name.lower()}); not run again")
+        return 0
+    number, params, resumed = started
+    if trial["command"] is None:  # bayes: the command of the point the study gave
+        trial["command"] = trial_command(sweep, params, plan.get("extra", []), plan["sweep"], index, Path(trial["run_dir"]))
     # the plan `sweep local` wrote, with the user's own overrides (a pipe: data root among them, maybe):
     # the program is never taken from it
-    args = check_fit_command(trial["command"], str(Path(out_dir) / "trials.json"), allow_pipe=True)
+    args = check_fit_command(trial["command"], str(out_dir / "trials.json"), allow_pipe=True)
     command = [sys.executable, "-m", "pipeline", "fit", *args]
-    print(f"trial {index}: {shlex.join(command)}", flush=True)
-    if replace_process:  # a Slurm array task: signals reach `vaepipe fit` directly
-        os.execvpe(command[0], command, _trial_env())
-    return subprocess.run(command, env=_trial_env()).returncode
+    print(f"trial {index}{' (resumed)' if resumed else ''}: {shlex.join(command)}", flush=True)
+    env = {**_trial_env(), "VAEPIPE_SWEEP_DIR": str(out_dir), "VAEPIPE_SWEEP_TRIAL": str(number)}
+    code = _run_forwarding_signals(command, env)
+    status = search.finish_trial(study, number, _summary(Path(trial["run_dir"]) / "summary.json"), code,
+                                 plan["metric"]["name"])
+    print(f"trial {index}: {status}", flush=True)
+    return code
+
+
+def _run_forwarding_signals(command: list[str], env: dict) -> int:
+    """The trial's fit as a child, this process staying to tell the study how it ended. Slurm's
+    time-limit signal (B:USR1) and SIGTERM reach this process (the batch shell): passed on to the
+    fit, which checkpoints (and requeues the task)."""
+    import signal
+
+    child = subprocess.Popen(command, env=env)
+    forward = lambda signum, frame: child.send_signal(signum)  # noqa: E731
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def results(out_dir: str | Path) -> list[dict]:
-    """params -> final metric of every trial so far (from each run folder's summary.json), best
-    first; also written to results.csv and results.md in the sweep folder."""
+    """params -> final metric and status of every trial so far, best first; also written to
+    results.csv, results.md and results.png (pipeline/launch/plots.py) in the sweep folder. Status:
+    done, pruned (stopped by early_terminate at a band), failed (its reason), metric never logged,
+    stopped (preempted, to be resumed), running, not run."""
+    from pipeline.launch import search
+
     out_dir = Path(out_dir)
     plan = read_plan(out_dir)
     metric, goal = plan["metric"]["name"], plan["metric"].get("goal", "minimize")
+    slots = {}
+    if (out_dir / JOURNAL).is_file():
+        sweep = {**load_sweep(out_dir / "sweep.yaml", compose=False), "_trials": len(plan["trials"])}
+        study = search.open_study(out_dir, sweep, plan.get("seed", 0))
+        search.settle_stale(study)
+        slots = search.slot_trials(study)
     rows = []
     for t in plan["trials"]:
-        summary = Path(t["run_dir"]) / "summary.json"
-        done = _summary(summary)
-        value = done.get("metrics", {}).get(metric) if isinstance(done.get("metrics"), dict) else None
-        value = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-        status = "not run" if not done else ("stopped" if done.get("preempted_at") is not None else "done")
-        if status == "done" and value is None:  # finished, but nothing to compare it by
-            status = f"metric {metric} never logged"
-        rows.append({"trial": t["index"], **t["params"], metric: value, "status": status, "run_dir": t["run_dir"]})
-    worst = math.inf if goal == "minimize" else -math.inf
-    rows.sort(key=lambda r: (r[metric] if r[metric] is not None else worst) * (1 if goal == "minimize" else -1))
-    keys = list(rows[0]) if rows else []
+        done = _summary(Path(t["run_dir"]) / "summary.json")
+        trial = slots.get(t["index"])
+        params = t["params"] if t["params"] is not None else (trial.user_attrs.get("params") if trial else None)
+        value, status, iterations = search.trial_outcome(trial, done, metric)
+        rows.append({"trial": t["index"], **(params or {}), metric: value, "status": status, "iterations": iterations,
+                     "order": trial.number if trial else None, "run_dir": t["run_dir"]})
+    sign = 1 if goal == "minimize" else -1
+    rank = {"done": 0, "pruned": 1}
+    rows.sort(key=lambda r: (rank.get(r["status"], 2), r[metric] * sign if r[metric] is not None else math.inf))
+    keys = list(dict.fromkeys(k for r in rows for k in r if k != "order"))
     table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, fieldnames=keys)
+    writer = csv.DictWriter(table, fieldnames=keys, extrasaction="ignore", restval="")
     writer.writeheader()
     writer.writerows(rows)
     write_text(out_dir / "results.csv", table.getvalue(), "sweep results")
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
     write_text(out_dir / "results.md", f"# sweep {plan['sweep']}: {metric} ({goal}), best first\n\n"
-               + "\n".join(lines) + "\n", "sweep results")
+               + "\n".join(lines) + "\n\n![results](results.png)\n", "sweep results")
+    from pipeline.launch.plots import plot_results
+
+    plot_results(out_dir / "results.png", rows, [k for k in keys if k not in ("trial", metric, "status", "iterations",
+                                                                                "run_dir")], metric, goal)
     return rows
 
 
@@ -460,7 +535,8 @@ def run_local(path: str | Path, out_dir: str | Path, trials: int | None = None, 
 def format_table(rows: list[dict]) -> str:
     if not rows:
         return "(no trials)"
-    keys = [k for k in rows[0] if k != "run_dir"]
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in ("run_dir", "order")]
+    rows = [{k: r.get(k, "") for k in keys} for r in rows]
     cells = [[f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys] for r in rows]
     widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
     lines = ["  ".join(k.ljust(w) for k, w in zip(keys, widths))]

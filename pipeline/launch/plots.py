@@ -1,0 +1,70 @@
+"""The picture of a sweep's results (results.png in the sweep folder): the metric against each
+parameter (finished trials filled, pruned ones hollow at their last reported value), and the
+best value so far over the trials in the order they started."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+from pipeline.outputs import atomic_write
+
+
+def _numeric(values: list) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def plot_results(path: Path, rows: list[dict], params: list[str], metric: str, goal: str) -> Path | None:
+    """Write the PNG (atomically); None when no trial has a value yet (nothing to draw)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    scored = [r for r in rows if r.get(metric) is not None and r["status"] in ("done", "pruned")]
+    if not scored:
+        return None
+    n = len(params) + 1
+    cols = min(n, 3)
+    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(4.2 * cols, 3.4 * math.ceil(n / cols)), squeeze=False)
+    for ax, name in zip(axes.flat, params):
+        values = [r.get(name) for r in scored]
+        if _numeric(values):
+            x, labels = values, None
+            if values and min(values) > 0 and max(values) / min(values) > 10:
+                ax.set_xscale("log")
+        else:  # categorical (lists, text): one column per value, in the order first seen
+            labels = list(dict.fromkeys(json.dumps(v) for v in values))
+            x = [labels.index(json.dumps(v)) for v in values]
+            ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=7)
+        for status, style in (("done", {"color": "C0"}), ("pruned", {"facecolors": "none", "edgecolors": "C1"})):
+            pts = [(xi, r[metric]) for xi, r in zip(x, scored) if r["status"] == status]
+            if pts:
+                ax.scatter(*zip(*pts), s=22, label=status, **style)
+        ax.set_xlabel(name, fontsize=8)
+        ax.set_ylabel(metric, fontsize=8)
+    ax = axes.flat[len(params)]
+    done = sorted((r for r in scored if r["status"] == "done" and r.get("order") is not None), key=lambda r: r["order"])
+    if done:
+        better = min if goal == "minimize" else max
+        best, curve = None, []
+        for r in done:
+            best = r[metric] if best is None else better(best, r[metric])
+            curve.append(best)
+        ax.step(range(1, len(curve) + 1), curve, where="post", color="C0")
+        ax.scatter(range(1, len(curve) + 1), [r[metric] for r in done], s=10, color="C0", alpha=0.4)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("finished trials, in order started", fontsize=8)
+    ax.set_ylabel(f"best {metric} so far ({goal})", fontsize=8)
+    for extra in list(axes.flat)[n:]:
+        extra.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    data = buf.getvalue()
+    atomic_write(path, lambda f: f.write(data), "sweep results picture", need=len(data))
+    return Path(path)
