@@ -354,7 +354,11 @@ def run_sweep(args: argparse.Namespace) -> int:
                 raise ValueError(f"{', '.join(job_only)}: only with --slurm (they shape the job array); add --slurm, "
                                  "or leave them out to run the trials here one after the other")
             rows = sw.run_local(args.file, out, args.trials, args.seed, trial_overrides)
-            print(f"\n{sw.format_table(rows)}\n\nresults: {out / 'results.csv'}, {out / 'results.md'}")
+            print(f"\n{sw.format_table(rows)}\n\nresults: {out / 'results.csv'}, {out / 'results.md'}, "
+                  f"{out / 'results.png'}")
+            from pipeline.launch.plots import publish_to_wandb
+
+            publish_to_wandb(out, rows, sw.read_plan(out)["sweep"])
             return 0 if all(r["status"] in ("done", "pruned") for r in rows) else 1
         # the job first: a size it cannot have is refused before the plan is written
         cfg = load_config(args.config, [*job_settings, sw.dotlist_item("run.dir", str(out)), "run.name=sweep"])
@@ -368,7 +372,11 @@ def run_sweep(args: argparse.Namespace) -> int:
         print(job if args.dry_run else f"submitted job array {job} ({len(plan['trials'])} trials): script {script}; "
               f"when done: vaepipe sweep results {out}", end="\n" if not args.dry_run else "")
     elif cmd == "results":
-        print(sw.format_table(sw.results(args.dir)))
+        from pipeline.launch.plots import publish_to_wandb
+
+        rows = sw.results(args.dir)
+        print(sw.format_table(rows))
+        publish_to_wandb(Path(args.dir), rows, sw.read_plan(args.dir)["sweep"])
     elif cmd == "trial":
         return sw.run_trial(args.dir, args.index)
     return 0

@@ -520,7 +520,9 @@ def _train(cfg: DictConfig, run_dir: Path, t0: float) -> dict:
     finish_wandb(trainer, {"checkpoint/last": str(ckpt.resolve()), "checkpoint/best": result["best_checkpoint"]},
                  preempted=preemption.stopped_at is not None)
     if trainer.is_global_zero:
-        print(f"\n{'stopped by signal' if preemption.stopped_at is not None else 'done'} at step "
+        ended = "stopped by signal" if preemption.stopped_at is not None else \
+            "pruned by the sweep's early_terminate" if result["pruned"] else "done"
+        print(f"\n{ended} at step "
               f"{trainer.global_step} in {result['seconds']:.0f} s")
         if plan and (plan.dropped or plan.repeated):
             print(f"  per epoch, to give every rank and worker equal batches: {plan.dropped} samples dropped, "

@@ -167,8 +167,13 @@ def test_job_array_options_without_slurm_are_refused(tmp_path, option):
 
 
 def write_plan(folder: Path, plan) -> Path:
+    """A sweep folder as `sweep local` leaves it: the plan, and the sweep file it was drawn from."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "trials.json").write_text(plan if isinstance(plan, str) else json.dumps(plan))
+    (folder / "sweep.yaml").write_text(json.dumps({
+        "method": "grid", "metric": {"name": "val/loss", "goal": "minimize"},
+        "parameters": {"model.beta": {"values": list(range(10))}},
+        "command": ["${env}", "vaepipe", "fit", "${args_no_hyphens}"]}))
     return folder
 
 
@@ -274,5 +279,5 @@ def test_a_pipe_root_given_on_the_command_line_reaches_the_trials(sprites_root, 
             *[f"{k}={v}" for k, v in TINY.items()])
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [r["status"] for r in rows] == ["done"] and target.read_text() == "original"
-    (Path(rows[0]["run_dir"]) / "summary.json").write_text("[1, 2]")  # damaged: read as not run, no traceback
-    assert "not run" in vaepipe("sweep", "results", out).stdout
+    (Path(rows[0]["run_dir"]) / "summary.json").write_text("[1, 2]")  # damaged: no traceback; the study says done
+    assert "done" in vaepipe("sweep", "results", out).stdout

@@ -68,3 +68,36 @@ def plot_results(path: Path, rows: list[dict], params: list[str], metric: str, g
     data = buf.getvalue()
     atomic_write(path, lambda f: f.write(data), "sweep results picture", need=len(data))
     return Path(path)
+
+
+def publish_to_wandb(out_dir: Path, rows: list[dict], name: str, log=print) -> str | None:
+    """The picture and table to wandb when the trials log there (their logger.backend): one run,
+    `<sweep>-results` in the sweep's group, online when the trials' mode resolves to online, else
+    an offline run in the sweep folder that `wandb sync` uploads later. Returns its mode."""
+    import yaml
+
+    from pipeline.tracking import resolve_wandb_mode
+
+    picture = Path(out_dir) / "results.png"
+    config = next((Path(r["run_dir"]) / "config.yaml" for r in rows if (Path(r["run_dir"]) / "config.yaml").is_file()), None)
+    if config is None or not picture.is_file():
+        return None
+    try:  # a trial's config: read for three names, nothing in it runs
+        logger = (yaml.safe_load(config.read_text()) or {}).get("logger") or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    if logger.get("backend") != "wandb":
+        return None
+    mode, _ = resolve_wandb_mode(str(logger.get("mode", "auto")))
+    if mode == "disabled":
+        return None
+    import wandb
+
+    columns = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in ("run_dir", "order")]
+    run = wandb.init(project=str(logger.get("project") or "vaepipe"), entity=logger.get("entity") or None, group=name,
+                     name=f"{name}-results", job_type="sweep-results", dir=str(out_dir), mode=mode, reinit="create_new")
+    run.log({"sweep/results": wandb.Image(str(picture)),
+             "sweep/table": wandb.Table(columns=columns, data=[[str(r.get(k, "")) for k in columns] for r in rows])})
+    run.finish()
+    log(f"results picture and table: wandb run {name}-results ({mode})")
+    return mode

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -152,6 +153,10 @@ def open_study(folder: str | Path, sweep: dict, seed: int = 0, slot: int = 0):
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
     path = str(Path(folder) / JOURNAL)
+    if os.path.lexists(path) and (os.path.islink(path) or not os.path.isfile(path)):
+        # a shared folder is data: a planted link would have the study appended to its target
+        raise ConfigError(f"{path}: a link or not a regular file; a sweep's study journal is a plain file "
+                          "that `vaepipe sweep` writes (move it away)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
@@ -245,17 +250,18 @@ def start_trial(study, slot: int, sweep: dict, fixed: dict | None = None, log=pr
     from pipeline.run_lock import describe, me
 
     mine = me("sweep trial")
-    settle_stale(study, log)
     where = f"the sweep's study ({JOURNAL}), trial {slot}"
     old = slot_trials(study).get(slot)
-    if old is not None and old.state == optuna.trial.TrialState.RUNNING:
+    if old is not None and old.state == optuna.trial.TrialState.RUNNING:  # its own first: then the others'
         holder = old.user_attrs.get("agent")
         if _holder_gone(holder, mine) is None:
-            raise RunFolderBusy(f"trial {slot} of this sweep is being run by {describe(holder)}")
+            raise RunFolderBusy(f"trial {slot} of this sweep is being run by "
+                                f"{describe(holder) if isinstance(holder, dict) else '?'}")
         study._storage.set_trial_user_attr(old._trial_id, "agent", mine)
         return old.number, check_params(where, sweep["parameters"], old.user_attrs.get("params")), True
     if old is not None:
         return None
+    settle_stale(study, log)  # before asking: a crashed agent's point no longer counts as running
     if sweep["method"] == "bayes":
         trial = study.ask(distributions(where, sweep["parameters"]))
         params = decode(trial.params, sweep["parameters"])
@@ -290,16 +296,15 @@ def finish_trial(study, number: int, summary: dict, code: int, metric: str) -> s
     return why
 
 
-def report(folder: str | Path, number: int, value: float, iteration: int) -> bool:
+def report(folder: str | Path, number: int, value: float, iteration: int, study=None) -> bool:
     """From inside a trial's fit, after validation `iteration`: the metric into the study, and
     whether the pruner stops the trial here. Reporting an iteration twice (a resumed run
-    validating again) keeps the first value."""
+    validating again) keeps the first value. `study`: one already open (else the folder's)."""
     import optuna
 
     from pipeline.launch.sweep import load_sweep
 
-    sweep = load_sweep(Path(folder) / "sweep.yaml", compose=False)
-    study = open_study(folder, sweep)
+    study = study or open_study(folder, load_sweep(Path(folder) / "sweep.yaml", compose=False))
     trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
     trial = optuna.trial.Trial(study, trial_id)
     if iteration not in study._storage.get_trial(trial_id).intermediate_values:

@@ -447,6 +447,7 @@ def run_trial(out_dir: str | Path, index: int) -> int:
     status = search.finish_trial(study, number, _summary(Path(trial["run_dir"]) / "summary.json"), code,
                                  plan["metric"]["name"])
     print(f"trial {index}: {status}", flush=True)
+    results(out_dir)  # the table and picture as of this trial's end (each array task refreshes them)
     return code
 
 
@@ -528,7 +529,6 @@ def run_local(path: str | Path, out_dir: str | Path, trials: int | None = None, 
         code = run_trial(out_dir, t["index"])
         if code != 0:
             print(f"trial {t['index']} exited {code}; see {t['run_dir']}", file=sys.stderr, flush=True)
-        results(out_dir)
     return results(out_dir)
 
 
