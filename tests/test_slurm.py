@@ -190,6 +190,59 @@ def test_local_sweep_as_a_job_array_with_two_task_trials(cluster, sprites_root, 
 
 
 @pytest.mark.timeout(1200)
+def test_bayes_sweep_agents_share_one_study_and_a_requeued_trial_resumes(cluster, sprites_root, tmp_path):
+    # `sweep local --slurm --parallel 2`: two array tasks at once, each an agent of the folder's one
+    # study (journal file); bayes asks each point given the others, hyperband compares at
+    # validations 2 and 4. Task 0 is signalled (USR1 to its batch shell, as Slurm's time limit does):
+    # its fit checkpoints and requeues the task, which resumes the same trial and run folder, and
+    # the trial's validations are reported once each.
+    spec = tmp_path / "bayes.yaml"
+    spec.write_text("method: bayes\nmetric: {name: val/loss, goal: minimize}\n"
+                    "early_terminate: {type: hyperband, min_iter: 2, eta: 2}\n"
+                    "parameters: {optim.lr: {distribution: log_uniform_values, min: 1.0e-4, max: 3.0e-3},"
+                    " model.latent_dim: {min: 2, max: 6}}\n"
+                    "command: ['${env}', vaepipe, fit, '${args_no_hyphens}']\n")
+    out = tmp_path / "sweep"
+    args = [f"data.root={sprites_root}", "trainer.max_steps=300", "trainer.val_check_interval=75",
+            "trainer.check_val_every_n_epoch=null", "run.every_n_train_steps=10", "run.test=false", *COMMON,
+            "data.batch_size=16", "data.num_workers=0", "model.eval_k=0"]
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "local", str(spec), "--out", str(out), "--trials",
+                           "3", "--slurm", "--parallel", "2", *args], cwd=ROOT, text=True, capture_output=True,
+                          env=cluster.env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    job = re.search(r"submitted job array (\d+)", proc.stdout).group(1)
+    deadline = time.time() + 180
+    while not list((out / "trial-000" / "checkpoints").glob("step-*.ckpt")) and time.time() < deadline:
+        time.sleep(0.3)
+    cluster.run("scancel", "--batch", "--signal=USR1", f"{job}_0")
+    for task in (0, 1, 2):
+        info = cluster.wait(f"{job}_{task}", timeout=600)
+        log = (out / f"slurm-{job}_{task}.out").read_text()
+        assert info["JobState"] == "COMPLETED", explain(cluster, f"{job}_{task}", log)
+    log0 = (out / f"slurm-{job}_0.out").read_text()
+    assert "SIGUSR1: checkpoint of step" in log0 and f"requeue of job {job}_0: done" in log0, \
+        explain(cluster, f"{job}_0", log0)
+    assert "trial 0 (resumed)" in log0 and "resuming from" in log0, explain(cluster, f"{job}_0", log0)
+
+    from pipeline.launch import search
+    from pipeline.launch import sweep as sw
+
+    study = search.open_study(out, {**sw.load_sweep(out / "sweep.yaml", compose=False), "_trials": 3})
+    slots = search.slot_trials(study)
+    assert len(study.trials) == 3 and sorted(slots) == [0, 1, 2]  # one trial per slot, the requeued one too
+    for t in study.trials:
+        assert t.state.name in ("COMPLETE", "PRUNED")
+        reported = sorted(t.intermediate_values)
+        assert reported == list(range(1, len(reported) + 1)) and reported, (t.number, reported)
+        assert len(reported) == 4 if t.state.name == "COMPLETE" else len(reported) in (2, 4)
+    # two agents at once: trials 0 and 1 overlapped in time, each asked with the other running
+    a, b = slots[0], slots[1]
+    assert a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete
+    rows = sw.results(out)
+    assert {r["status"] for r in rows} <= {"done", "pruned"} and (out / "results.png").is_file()
+
+
+@pytest.mark.timeout(1200)
 def test_two_node_job_signalled_continues_as_a_one_node_job(cluster, sprites_root, tmp_path):
     # Elastic resume through Slurm: a 2-node job (1 task each, 16 samples per task) is told to stop
     # (scancel --signal=USR1; no requeue), and the run is resubmitted as a 1-node, 1-task job: it
