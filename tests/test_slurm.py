@@ -227,7 +227,7 @@ def test_bayes_sweep_agents_share_one_study_and_a_requeued_trial_resumes(cluster
     from pipeline.launch import search
     from pipeline.launch import sweep as sw
 
-    study = search.open_study(out, {**sw.load_sweep(out / "sweep.yaml", compose=False), "_trials": 3})
+    study = search.open_study(out, sw.load_sweep(out / "sweep.yaml", compose=False))
     slots = search.slot_trials(study)
     assert len(study.trials) == 3 and sorted(slots) == [0, 1, 2]  # one trial per slot, the requeued one too
     for t in study.trials:

@@ -34,12 +34,13 @@ def write_sweep(folder: Path, **body) -> dict:
     return sw.load_sweep(folder / "sweep.yaml", compose=False)
 
 
-def run_engine_trial(folder: Path, sweep: dict, slot: int, curve, max_iter: int, fixed=None, seed=0, fast=False):
+def run_engine_trial(folder: Path, sweep: dict, slot: int, curve, max_iter: int, fixed=None, seed=0, fast=False,
+                     trials=10):
     """One trial through the real engine (study, journal, sampler, pruner) with a cheap objective in
     place of `vaepipe fit`: report curve(params, it) at iterations 1..max_iter until pruned (each
     report through the journal file as a fit does; fast: through the agent's open study).
     Returns (iterations run, final value or None when pruned)."""
-    study = search.open_study(folder, sweep, seed, slot)
+    study = search.open_study(folder, sweep, seed, slot, trials)
     number, params, _ = search.start_trial(study, slot, sweep, fixed=fixed)
     for it in range(1, max_iter + 1):
         value = curve(params, it)
@@ -92,8 +93,8 @@ CURVES = [lambda it: 5.0,                                      # first everywher
                                                                 (3, None)]),
 ])
 def test_the_pruner_stops_the_trials_it_should_at_the_bands(tmp_path, early, expected):
-    sweep = {**write_sweep(tmp_path, method="grid", early_terminate=early,
-                           parameters={"model.latent_dim": {"values": list(range(1, 7))}}), "_trials": 6}
+    sweep = write_sweep(tmp_path, method="grid", early_terminate=early,
+                        parameters={"model.latent_dim": {"values": list(range(1, 7))}})
     got = [run_engine_trial(tmp_path, sweep, i, lambda p, it, i=i: CURVES[i](it), 9, fixed={"model.latent_dim": i + 1})
            for i in range(6)]
     assert got == expected
@@ -139,10 +140,9 @@ def test_bayes_with_hyperband_reaches_the_optimum_in_fewer_trial_steps_than_rand
         runs = {}
         for method, early in (("bayes", {"type": "hyperband", "min_iter": 1, "eta": 3}), ("random", None)):
             folder = tmp_path / f"{method}{seed}"
-            sweep = {**write_sweep(folder, method=method, parameters=space,
-                                   **({"early_terminate": early} if early else {})), "_trials": 30}
+            sweep = write_sweep(folder, method=method, parameters=space, **({"early_terminate": early} if early else {}))
             fixed = sw.draw(sweep, 30, seed)
-            runs[method] = [run_engine_trial(folder, sweep, i, objective, 9, fixed=fixed[i], seed=seed, fast=True)
+            runs[method] = [run_engine_trial(folder, sweep, i, objective, 9, fixed=fixed[i], seed=seed, fast=True, trials=30)
                             for i in range(30)]
         assert all(it == 9 for it, _ in runs["random"])  # nothing stops random here
         b, r = (steps_to_reach(runs[m], 0.1) for m in ("bayes", "random"))
@@ -260,7 +260,7 @@ def test_a_crashed_agent_leaves_the_study_consistent(sprites_root, tmp_path):
 
     # slot 0's agent dies; its own slot, started again, resumes the same trial and run folder
     kill_when_checkpointed(start_agent(out, 0), Path(plan["trials"][0]["run_dir"]))
-    study = search.open_study(out, {**sw.load_sweep(out / "sweep.yaml", compose=False), "_trials": 3})
+    study = search.open_study(out, sw.load_sweep(out / "sweep.yaml", compose=False))
     assert search.slot_trials(study)[0].state.name == "RUNNING"
     resumed = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "trial", str(out), "0"], cwd=ROOT,
                              capture_output=True, text=True)
@@ -275,7 +275,7 @@ def test_a_crashed_agent_leaves_the_study_consistent(sprites_root, tmp_path):
     assert rows[0]["status"] == "done" and rows[2]["status"] == "done"
     assert rows[1]["status"].startswith("failed (its agent is gone: that process has exited")
     # the journal is whole: Optuna itself reads one trial per slot, in the states above
-    study = search.open_study(out, {**sw.load_sweep(out / "sweep.yaml", compose=False), "_trials": 3})
+    study = search.open_study(out, sw.load_sweep(out / "sweep.yaml", compose=False))
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE"]
     assert sorted(study.trials[0].intermediate_values) == [1, 2, 3]  # each validation reported once
 

@@ -143,9 +143,10 @@ def decode(params: dict, specs: dict) -> dict:
 
 # --- the study ------------------------------------------------------------------------------------
 
-def open_study(folder: str | Path, sweep: dict, seed: int = 0, slot: int = 0):
+def open_study(folder: str | Path, sweep: dict, seed: int = 0, slot: int = 0, trials: int = 10):
     """The sweep folder's study (created by the first agent, loaded by the others). The sampler's
-    seed differs per slot: agents started at once must not draw the same first points."""
+    seed differs per slot: agents started at once must not draw the same first points; `trials`
+    (the sweep's size) sets how many of them bayes draws at random before modelling."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -160,7 +161,6 @@ def open_study(folder: str | Path, sweep: dict, seed: int = 0, slot: int = 0):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
-        trials = sweep.get("_trials", 10)
         sampler = optuna.samplers.TPESampler(
             seed=seed * 100003 + slot, multivariate=True, constant_liar=True,
             n_startup_trials=min(10, max(3, trials // 3))) if sweep["method"] == "bayes" else None

@@ -428,8 +428,8 @@ def run_trial(out_dir: str | Path, index: int) -> int:
         raise ValueError(f"{out_dir}: no trial {index}: this sweep has {len(trials)} trials"
                          + (f" (0-{len(trials) - 1})" if trials else ""))
     trial = trials[index]
-    sweep = {**load_sweep(out_dir / "sweep.yaml", compose=False), "_trials": len(trials)}
-    study = search.open_study(out_dir, sweep, plan.get("seed", 0), index)
+    sweep = load_sweep(out_dir / "sweep.yaml", compose=False)
+    study = search.open_study(out_dir, sweep, plan.get("seed", 0), index, len(trials))
     started = search.start_trial(study, index, sweep, fixed=trial["params"])
     if started is None:
         print(f"trial {index}: already ended ({search.slot_trials(study)[index].state.name.lower()}); not run again")
@@ -479,8 +479,7 @@ def results(out_dir: str | Path) -> list[dict]:
     metric, goal = plan["metric"]["name"], plan["metric"].get("goal", "minimize")
     slots = {}
     if (out_dir / JOURNAL).is_file():
-        sweep = {**load_sweep(out_dir / "sweep.yaml", compose=False), "_trials": len(plan["trials"])}
-        study = search.open_study(out_dir, sweep, plan.get("seed", 0))
+        study = search.open_study(out_dir, load_sweep(out_dir / "sweep.yaml", compose=False), plan.get("seed", 0))
         search.settle_stale(study)
         slots = search.slot_trials(study)
     rows = []
