@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue")
+CRED_LIFETIME_S = 120  # Slurm's default credential lifetime (AuthInfo cred_expire, not set here)
 
 
 def missing() -> str | None:
@@ -39,6 +40,7 @@ class SlurmCluster:
         self.dir = Path(folder)
         self.cpus = cpus
         self.pids: list[int] = []
+        self.released: set = set()  # (job, restart count) already released (release_requeued)
         self.conf = self.dir / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
 
@@ -139,8 +141,31 @@ class SlurmCluster:
                       *([ln for ln in text if named.search(ln)][-lines:] or ["(none)"])]
         return "\n".join(parts)
 
-    def wait(self, job_id: str, timeout: float = 300, release_requeued: bool = True) -> dict:
-        """Until the job completes or fails; a requeued job (held ~120 s by Slurm) is released at once."""
+    def release_requeued(self, job_id: str, info: dict) -> None:
+        """Start a requeued job without Slurm's hold, but never in the second of its requeue.
+
+        Slurm holds a requeued job for the credential lifetime + 1 s (begin time = the moment its
+        cleanup finished + 121 s) because slurmd revoked the job's credential at the requeue, to
+        the second: a launch whose new credential is stamped in that same second is refused
+        ("Job N already killed, do not launch batch job") and slurmctld ends the job FAILED 1:0
+        without running it ("Killing non-startable batch JobId=N: Job credential revoked").
+        Releasing with StartTime=now right after the requeue did exactly that on a fast machine
+        (issue 30). The earliest safe start is the second after the cleanup: EligibleTime - 120 s."""
+        key = (job_id, info.get("Restarts"))
+        if key in self.released:  # once per requeue: the begin time set here is not Slurm's any more
+            return
+        eligible = info.get("EligibleTime", "")
+        try:
+            safe = time.mktime(time.strptime(eligible, "%Y-%m-%dT%H:%M:%S")) - CRED_LIFETIME_S
+        except ValueError:  # no begin time shown: Slurm's own hold still applies
+            return
+        start = "now" if time.time() >= safe else time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(safe))
+        self.run("scontrol", "update", f"JobId={job_id}", f"StartTime={start}", check=False)
+        self.released.add(key)
+
+    def wait(self, job_id: str, timeout: float = 300, release_requeued: bool = True, poll: float = 1.0) -> dict:
+        """Until the job completes or fails; a requeued job (held ~120 s by Slurm) is released as
+        early as is safe (release_requeued)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             info = self.job(job_id)
@@ -148,8 +173,8 @@ class SlurmCluster:
             if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
                 return info
             if release_requeued and state == "PENDING" and int(info.get("Restarts", "0")) > 0:
-                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
-            time.sleep(1)
+                self.release_requeued(job_id, info)
+            time.sleep(poll)
         raise TimeoutError(f"job {job_id} still {self.job(job_id).get('JobState')} after {timeout} s\n"
                            + self.account(job_id))
 
