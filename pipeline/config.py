@@ -40,7 +40,7 @@ class ModelConfig:
     conv_channels: list[int] = field(default_factory=list)  # conv/resnet: width of each stride-2 stage (side -> 4), a short list repeats its last; [] = 32, 32, 64, 64 cut to the stages
     conv_hidden: int = 256
     res_blocks: int = 1  # resnet: residual blocks per stage
-    norm: str = "none"  # resnet: none (zero-initialised residual branches) | group (GroupNorm); never batch statistics (docs/images.md)
+    norm: str = "auto"  # resnet: auto (= group: GroupNorm) | group | none (zero-initialised branches only); never batch statistics (docs/images.md)
     eval_k: int = 10  # K of the IWAE bound computed on validation (0 = skip)
     codebook_size: int = 512  # VQ-VAE: K codes ...
     code_dim: int = 64  # ... of dimension D
@@ -194,7 +194,7 @@ CHOICES = {
     "model.estimator": ("reparam", "score", "stl", "dreg"),
     "model.likelihood": ("bernoulli", "gaussian", "discretized_logistic", "discretized_gaussian"),
     "model.arch": ("mlp", "conv", "resnet"),
-    "model.norm": ("none", "group"),
+    "model.norm": ("auto", "none", "group"),
     "model.init": ("torch", "iwae"),
     "data.binarize": ("none", "dynamic", "threshold"),
     "data.on_error": ("stop", "skip"),
@@ -261,7 +261,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"bad value for 'data.shuffle_buffer': {cfg.data.shuffle_buffer}; it must be >= 0 "
                           "(0: no shuffle, the split's stored order every epoch)")
     m = cfg.model
-    if m.arch != "resnet" and (m.res_blocks != 1 or m.norm != "none"):
+    if m.arch != "resnet" and (m.res_blocks != 1 or m.norm not in ("auto", "none")):
         raise ConfigError(f"model.res_blocks={m.res_blocks} and model.norm={m.norm} are the ResNet's "
                           f"(model.arch=resnet); model.arch={m.arch} has no residual blocks")
     if m.mixtures > 1 and m.likelihood != "discretized_logistic":

@@ -69,6 +69,21 @@ def test_too_many_widths_names_the_count():
         assert [m.out_channels for m in convs] == widths
 
 
+def test_the_resnet_normalises_with_groupnorm_by_default():
+    """model.norm=auto (the default): GroupNorm in the ResNet (without it the ResNet VAE collapsed
+    on CIFAR-10, docs/images.md); none keeps the plain identity-start blocks; conv has no norm."""
+    from pipeline.models.components.vae import build_vae
+
+    def groupnorms(*overrides):
+        cfg = load_config(overrides=["data.name=sprites", *overrides])
+        return sum(isinstance(m, torch.nn.GroupNorm) for m in build_vae(cfg.model, (3, 16, 16)).modules())
+
+    assert load_config().model.norm == "auto"
+    assert groupnorms("model.arch=resnet") > 0
+    assert groupnorms("model.arch=resnet", "model.norm=none") == 0
+    assert groupnorms("model.arch=conv") == 0
+
+
 def test_group_norm_takes_any_width():
     """GroupNorm's groups divide the width (gcd with 32): 200 and 50 channels work."""
     vae = VAE((3, 16, 16), arch="resnet", norm="group", conv_channels=[200, 50], latent_dim=2, conv_hidden=8)

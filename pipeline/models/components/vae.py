@@ -29,7 +29,7 @@ class VAE(nn.Module):
     def __init__(self, input_shape: tuple[int, ...], *, arch: str = "mlp", latent_dim: int = 50,
                  hidden: list[int] = (200, 200), activation: str = "tanh", conv_channels: list[int] = (),
                  conv_hidden: int = 256, likelihood: str = "bernoulli", sigma: float = 1.0, learn_sigma: bool = False,
-                 init: str = "torch", mixtures: int = 1, res_blocks: int = 1, norm: str = "none"):
+                 init: str = "torch", mixtures: int = 1, res_blocks: int = 1, norm: str = "auto"):
         super().__init__()
         self.input_shape = tuple(input_shape)
         self.latent_dim = latent_dim
@@ -43,6 +43,7 @@ class VAE(nn.Module):
             self.encoder = ConvEncoder(self.input_shape, list(conv_channels), latent_dim, conv_hidden, activation)
             self.decoder = ConvDecoder(self.input_shape, list(conv_channels), latent_dim, conv_hidden, activation, out)
         elif arch == "resnet":
+            norm = "group" if norm == "auto" else norm  # without it the ResNet VAE collapsed (docs/images.md)
             self.encoder = ResNetEncoder(self.input_shape, list(conv_channels), latent_dim, conv_hidden, activation,
                                          res_blocks, norm)
             self.decoder = ResNetDecoder(self.input_shape, list(conv_channels), latent_dim, conv_hidden, activation,
