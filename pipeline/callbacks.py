@@ -212,21 +212,24 @@ class SweepReport(pl.Callback):
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         self.iteration += 1
-        prune = False
+        decision = None
         if trainer.is_global_zero:
             value = trainer.callback_metrics.get(self.metric)
             value = float(value) if value is not None else None
             if value is not None and np.isfinite(value):
-                from pipeline.launch.search import report
+                try:
+                    from pipeline.launch.search import report
 
-                prune = report(self.folder, self.number, value, self.iteration)
-                if prune:
-                    self.pruned = {"iteration": self.iteration, "step": trainer.global_step, "value": value}
-        if trainer.strategy.broadcast(prune, src=0):
+                    if report(self.folder, self.number, value, self.iteration):
+                        decision = {"iteration": self.iteration, "step": trainer.global_step, "value": value}
+                except Exception as err:  # noqa: BLE001 - the study's bookkeeping must never end the training
+                    rank_zero_info(f"sweep: could not report validation {self.iteration} to the study "
+                                   f"({type(err).__name__}: {err}); training goes on")
+        self.pruned = trainer.strategy.broadcast(decision, src=0)  # every rank: the same stop, the same summary
+        if self.pruned:
             trainer.should_stop = True
-            if trainer.is_global_zero:
-                rank_zero_info(f"sweep: pruned at validation {self.iteration} (step {trainer.global_step}, "
-                               f"{self.metric} = {self.pruned['value']:.6g}): worse than the study's other trials there")
+            rank_zero_info(f"sweep: pruned at validation {self.iteration} (step {trainer.global_step}, "
+                           f"{self.metric} = {self.pruned['value']:.6g}): worse than the study's other trials there")
 
     def state_dict(self) -> dict:
         return {"iteration": self.iteration}

@@ -319,7 +319,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     if cmd == "create":
         from pipeline.tracking import resolve_wandb_mode
 
-        spec = sw.load_sweep(args.file)
+        spec = sw.load_sweep(args.file, local=False)
         mode, why = resolve_wandb_mode("online")
         if mode != "online":
             raise ValueError(f"`sweep create` needs the wandb server: {why}. Without one, run the same file "

@@ -205,6 +205,11 @@ def check_resume_settings(cfg: DictConfig, checkpoint: dict, path: str) -> None:
                 f"Train on with another batch size from its weights in a new run: run.init_from={path} "
                 "run.dir=NEW_FOLDER")
     theirs, mine = flatten(saved), flatten(now)
+    for flat in (theirs, mine):  # model.norm=auto is group for the ResNet and nothing for the others
+        if flat.get("model.norm") == "auto":
+            flat["model.norm"] = "group" if flat.get("model.arch") == "resnet" else "none"
+        if flat.get("model.arch") not in ("resnet", None):
+            flat.pop("model.norm", None)
     fixed = FIXED_ON_RESUME + (("trainer.max_steps", "trainer.max_epochs") if cfg.optim.scheduler == "cosine" else ())
     # (a cosine schedule decays over the run's length: a longer run would jump back up the curve)
     differ = [k for k in mine if k in theirs and mine[k] != theirs[k] and k.startswith(fixed)

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from pipeline.config import ConfigError, load_config
@@ -82,6 +83,24 @@ def test_the_resnet_normalises_with_groupnorm_by_default():
     assert groupnorms("model.arch=resnet") > 0
     assert groupnorms("model.arch=resnet", "model.norm=none") == 0
     assert groupnorms("model.arch=conv") == 0
+
+
+def test_runs_from_before_the_norm_default_still_resume():
+    """Checkpoints written before model.norm=auto store none: a conv run resumes with the new default,
+    a ResNet trained without normalisation is not resumed as a GroupNorm one."""
+    from pipeline.errors import ResumeError
+    from pipeline.train import check_resume_settings
+
+    for arch, refused in (("conv", False), ("resnet", True)):
+        cfg = load_config(overrides=["data.name=sprites", f"model.arch={arch}"])
+        saved = OmegaConf.to_container(cfg, resolve=True)
+        saved["model"]["norm"] = "none"
+        checkpoint = {"hyper_parameters": {"config": saved}}
+        if refused:
+            with pytest.raises(ResumeError, match="model.norm=none"):
+                check_resume_settings(cfg, checkpoint, "old.ckpt")
+        else:
+            check_resume_settings(cfg, checkpoint, "old.ckpt")
 
 
 def test_group_norm_takes_any_width():

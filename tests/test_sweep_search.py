@@ -278,6 +278,15 @@ def test_a_crashed_agent_leaves_the_study_consistent(sprites_root, tmp_path):
     study = search.open_study(out, sw.load_sweep(out / "sweep.yaml", compose=False))
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE"]
     assert sorted(study.trials[0].intermediate_values) == [1, 2, 3]  # each validation reported once
+    # slot 1 started again later (the same sweep run again): its point, its folder, on from its checkpoint
+    again = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "trial", str(out), "1"], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert again.returncode == 0 and "trial 1 (resumed)" in again.stdout and "resuming from" in again.stdout, \
+        again.stdout[-3000:]
+    assert read_rows(out)[1]["status"] == "done"
+    study = search.open_study(out, sw.load_sweep(out / "sweep.yaml", compose=False))
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert study.trials[3].user_attrs["params"] == study.trials[1].user_attrs["params"]
 
 
 def test_a_planted_journal_link_is_refused(tmp_path):

@@ -91,13 +91,21 @@ def publish_to_wandb(out_dir: Path, rows: list[dict], name: str, log=print) -> s
     mode, _ = resolve_wandb_mode(str(logger.get("mode", "auto")))
     if mode == "disabled":
         return None
+    import hashlib
+
     import wandb
 
     columns = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in ("run_dir", "order")]
-    run = wandb.init(project=str(logger.get("project") or "vaepipe"), entity=logger.get("entity") or None, group=name,
-                     name=f"{name}-results", job_type="sweep-results", dir=str(out_dir), mode=mode, reinit="create_new")
-    run.log({"sweep/results": wandb.Image(str(picture)),
-             "sweep/table": wandb.Table(columns=columns, data=[[str(r.get(k, "")) for k in columns] for r in rows])})
-    run.finish()
+    run_id = "sweep-" + hashlib.sha1(str(Path(out_dir).resolve()).encode()).hexdigest()[:12]  # one run per folder
+    try:
+        run = wandb.init(project=str(logger.get("project") or "vaepipe"), entity=logger.get("entity") or None,
+                         group=name, name=f"{name}-results", job_type="sweep-results", dir=str(out_dir), mode=mode,
+                         id=run_id, resume="allow")
+        run.log({"sweep/results": wandb.Image(str(picture)),
+                 "sweep/table": wandb.Table(columns=columns, data=[[str(r.get(k, "")) for k in columns] for r in rows])})
+        run.finish()
+    except Exception as err:  # noqa: BLE001 - the trials are done; the tracker's trouble is only reported
+        log(f"results not sent to wandb ({type(err).__name__}: {err}); they are in {out_dir}")
+        return None
     log(f"results picture and table: wandb run {name}-results ({mode})")
     return mode

@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 
 from pipeline.config import ConfigError
 
 JOURNAL = "study.journal"
+AGENT_GONE = "its agent is gone"  # a failure its own slot retries (start_trial)
 ITERATION = "validation"  # what one hyperband iteration is here
 
 
@@ -45,10 +47,10 @@ def check_early_terminate(where: str, spec) -> dict | None:
     eta = spec.get("eta", 3)
     if eta < 2:
         raise ConfigError(f"{at}: bad value for 'eta': {eta!r}; >= 2 (each band keeps the best 1/eta)")
-    if "min_iter" in spec:
+    if "max_iter" not in spec:  # with both, wandb's server takes max_iter and s
+        if "min_iter" not in spec:
+            raise ConfigError(f"{at}: give min_iter (the first band), or max_iter with s (the number of bands)")
         return {"min_iter": spec["min_iter"], "eta": eta, "rungs": None}
-    if "max_iter" not in spec:
-        raise ConfigError(f"{at}: give min_iter (the first band), or max_iter with s (the number of bands)")
     s = spec.get("s", 0)
     # wandb's bands: int(max_iter / eta^i) for i = 1..s, those >= 1
     bands = sorted({int(spec["max_iter"] / eta ** i) for i in range(1, s + 1) if spec["max_iter"] / eta ** i >= 1})
@@ -187,7 +189,7 @@ def _holder_gone(holder, mine: dict) -> str | None:
     if not isinstance(holder, dict):
         return "no agent recorded"
     job = holder.get("slurm_job")
-    if isinstance(job, str) and job:
+    if isinstance(job, str) and re.fullmatch(r"\d+(_\d+)?", job):
         if job == mine.get("slurm_job"):
             return "this is the same Slurm task, requeued since"
         return f"Slurm says job {job} is no longer running" if slurm_job_ended(job) else None
@@ -207,8 +209,8 @@ def settle_stale(study, log=print) -> list[int]:
         holder = t.user_attrs.get("agent")
         why = _holder_gone(holder, mine)
         if why and t.user_attrs.get("slot") is not None and "same Slurm task" not in why:
-            study._storage.set_trial_user_attr(t._trial_id, "failed", f"its agent is gone: {why}")
-            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            study._storage.set_trial_user_attr(t._trial_id, "failed", f"{AGENT_GONE}: {why}")
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)  # another agent may be first
             log(f"trial {t.user_attrs.get('slot')}: marked failed ({describe(holder) if isinstance(holder, dict) else '?'}: {why})")
             settled.append(t.number)
     return settled
@@ -259,15 +261,23 @@ def start_trial(study, slot: int, sweep: dict, fixed: dict | None = None, log=pr
                                 f"{describe(holder) if isinstance(holder, dict) else '?'}")
         study._storage.set_trial_user_attr(old._trial_id, "agent", mine)
         return old.number, check_params(where, sweep["parameters"], old.user_attrs.get("params")), True
-    if old is not None:
+    retry = old is not None and old.state == optuna.trial.TrialState.FAIL and \
+        str(old.user_attrs.get("failed", "")).startswith(AGENT_GONE)
+    if old is not None and not retry:
         return None
     settle_stale(study, log)  # before asking: a crashed agent's point no longer counts as running
+    if retry:  # the slot's crashed trial, settled by another agent: again, same point, same run folder
+        trial = study.ask()
+        params = check_params(where, sweep["parameters"], old.user_attrs.get("params"))
+        for key, value in (("params", params), ("agent", mine), ("retry_of", old.number), ("slot", slot)):
+            trial.set_user_attr(key, value)
+        return trial.number, params, True
     if sweep["method"] == "bayes":
         trial = study.ask(distributions(where, sweep["parameters"]))
         params = decode(trial.params, sweep["parameters"])
     else:
         trial, params = study.ask(), dict(fixed or {})
-    for key, value in (("slot", slot), ("params", params), ("agent", mine)):
+    for key, value in (("params", params), ("agent", mine), ("slot", slot)):  # slot last: it makes the trial the slot's
         trial.set_user_attr(key, value)
     return trial.number, check_params(where, sweep["parameters"], params), False
 
@@ -285,14 +295,15 @@ def finish_trial(study, number: int, summary: dict, code: int, metric: str) -> s
         return "stopped"
     value = (summary.get("metrics") or {}).get(metric) if isinstance(summary.get("metrics"), dict) else None
     if code == 0 and summary.get("pruned"):
-        study.tell(number, state=state.PRUNED)
+        study.tell(number, state=state.PRUNED, skip_if_finished=True)
         return "pruned"
-    if code == 0 and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        study.tell(number, value)
+    number_ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if code == 0 and number_ok and math.isfinite(value):
+        study.tell(number, value, skip_if_finished=True)
         return "done"
-    why = f"exited {code}" if code else f"metric {metric} never logged"
+    why = f"exited {code}" if code else f"metric {metric} {'is not finite' if number_ok else 'never logged'}"
     study._storage.set_trial_user_attr(trial._trial_id, "failed", why)
-    study.tell(number, state=state.FAIL)
+    study.tell(number, state=state.FAIL, skip_if_finished=True)
     return why
 
 
@@ -333,7 +344,7 @@ def trial_outcome(trial, summary: dict, metric: str) -> tuple[float | None, str,
     if state == "PRUNED":
         return last, "pruned", len(reports)
     if state == "FAIL":
-        why = trial.user_attrs.get("failed", "failed")
+        why = str(trial.user_attrs.get("failed", "failed"))
         return last, why if why.startswith("metric") else f"failed ({why})", len(reports)
     stopped = summary.get("preempted_at") is not None
     return last, "stopped" if stopped else "running", len(reports)

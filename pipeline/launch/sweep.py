@@ -37,10 +37,11 @@ DISTRIBUTIONS = ("constant", "categorical", "uniform", "int_uniform", "q_uniform
                  "q_log_uniform_values", "log_uniform", "normal")
 
 
-def load_sweep(path: str | Path, compose: bool = True) -> dict:
+def load_sweep(path: str | Path, compose: bool = True, local: bool = True) -> dict:
     """The sweep YAML, checked: method, metric, early_terminate, command, and every parameter a
     config key with a distribution this module (bayes: pipeline.launch.search) can draw from.
-    compose=False skips composing the trial's config (a trial's own fit reading its sweep)."""
+    compose=False skips composing the trial's config (a trial's own fit reading its sweep);
+    local=False (a sweep for the wandb server) leaves out what only the local engine cannot do."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sweep file not found: {path}")
@@ -54,7 +55,8 @@ def load_sweep(path: str | Path, compose: bool = True) -> dict:
     if sweep.get("method") not in METHODS:
         raise ConfigError(f"{where}: bad value for 'method': {sweep.get('method')!r}; choose one of {', '.join(METHODS)}")
     _check_metric(where, sweep.get("metric"))
-    check_early_terminate(where, sweep.get("early_terminate"))
+    if local:  # the server has its own rules (any eta > 1, its own bands)
+        check_early_terminate(where, sweep.get("early_terminate"))
     command = sweep.get("command")
     # a string would be read letter by letter, a mapping by its keys: only a list is a command line
     if not isinstance(command, list) or not all(isinstance(c, (str, int, float)) for c in command):
@@ -74,7 +76,7 @@ def load_sweep(path: str | Path, compose: bool = True) -> dict:
         _check_parameter(where, sweep["method"], name, spec)
         for value in _values(spec):
             _check_value(where, name, value)
-    if sweep["method"] == "bayes":
+    if sweep["method"] == "bayes" and local:
         distributions(where, params)  # what the study cannot model is refused here, not by the first agent
     if not compose:
         return sweep
@@ -435,7 +437,8 @@ def run_trial(out_dir: str | Path, index: int) -> int:
         print(f"trial {index}: already ended ({search.slot_trials(study)[index].state.name.lower()}); not run again")
         return 0
     number, params, resumed = started
-    if trial["command"] is None:  # bayes: the command of the point the study gave
+    if trial["command"] is None:  # bayes: the command of the point the study gave, in the slot's own folder
+        trial["run_dir"] = str(out_dir / f"trial-{index:03d}")
         trial["command"] = trial_command(sweep, params, plan.get("extra", []), plan["sweep"], index, Path(trial["run_dir"]))
     # the plan `sweep local` wrote, with the user's own overrides (a pipe: data root among them, maybe):
     # the program is never taken from it
@@ -447,7 +450,10 @@ def run_trial(out_dir: str | Path, index: int) -> int:
     status = search.finish_trial(study, number, _summary(Path(trial["run_dir"]) / "summary.json"), code,
                                  plan["metric"]["name"])
     print(f"trial {index}: {status}", flush=True)
-    results(out_dir)  # the table and picture as of this trial's end (each array task refreshes them)
+    try:  # the table and picture as of this trial's end (each array task refreshes them)
+        results(out_dir)
+    except (ConfigError, OSError, ValueError) as err:
+        print(f"results not refreshed ({err}); `vaepipe sweep results {out_dir}` writes them", flush=True)
     return code
 
 
@@ -487,8 +493,9 @@ def results(out_dir: str | Path) -> list[dict]:
         done = _summary(Path(t["run_dir"]) / "summary.json")
         trial = slots.get(t["index"])
         params = t["params"] if t["params"] is not None else (trial.user_attrs.get("params") if trial else None)
+        params = params if isinstance(params, dict) else {}
         value, status, iterations = search.trial_outcome(trial, done, metric)
-        rows.append({"trial": t["index"], **(params or {}), metric: value, "status": status, "iterations": iterations,
+        rows.append({"trial": t["index"], **params, metric: value, "status": status, "iterations": iterations,
                      "order": trial.number if trial else None, "run_dir": t["run_dir"]})
     sign = 1 if goal == "minimize" else -1
     rank = {"done": 0, "pruned": 1}
@@ -526,6 +533,10 @@ def run_local(path: str | Path, out_dir: str | Path, trials: int | None = None, 
     plan = plan_local(path, out_dir, trials, seed, extra)
     for t in plan["trials"]:
         code = run_trial(out_dir, t["index"])
+        if code == 75:  # pipeline.train.EXIT_PREEMPTED: a signal stopped the sweep, not only this trial
+            print(f"trial {t['index']} stopped by a signal (checkpointed): the sweep stops here; the same command "
+                  "continues it", file=sys.stderr, flush=True)
+            break
         if code != 0:
             print(f"trial {t['index']} exited {code}; see {t['run_dir']}", file=sys.stderr, flush=True)
     return results(out_dir)
