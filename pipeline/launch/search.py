@@ -267,8 +267,8 @@ def start_trial(study, slot: int, sweep: dict, fixed: dict | None = None, log=pr
         return None
     settle_stale(study, log)  # before asking: a crashed agent's point no longer counts as running
     if retry:  # the slot's crashed trial, settled by another agent: again, same point, same run folder
-        trial = study.ask()
         params = check_params(where, sweep["parameters"], old.user_attrs.get("params"))
+        trial = study.ask()
         for key, value in (("params", params), ("agent", mine), ("retry_of", old.number), ("slot", slot)):
             trial.set_user_attr(key, value)
         return trial.number, params, True
