@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -287,6 +288,41 @@ def test_a_crashed_agent_leaves_the_study_consistent(sprites_root, tmp_path):
     study = search.open_study(out, sw.load_sweep(out / "sweep.yaml", compose=False))
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert study.trials[3].user_attrs["params"] == study.trials[1].user_attrs["params"]
+
+
+def test_a_fit_ended_by_the_stop_signal_is_left_to_be_resumed(tmp_path):
+    """Slurm's SIGTERM at a requeue reaches the agent and the fit together and can land while the
+    checkpointed fit is still exiting: the fit dies of it (-15). That trial was stopped, not failed:
+    its requeued task resumes it (a Slurm run of test_slurm.py ended it `failed (exited -15)` and
+    the requeued task then refused to run it). A death without a stop signal still fails."""
+    sweep = write_sweep(tmp_path, method="grid", parameters={"model.latent_dim": {"values": [2, 3, 4, 5]}})
+    study = search.open_study(tmp_path, sweep, 0, 0, 4)
+    started = [search.start_trial(search.open_study(tmp_path, sweep, 0, slot, 4), slot, sweep,
+                                  fixed={"model.latent_dim": slot + 2})[0] for slot in range(4)]
+    preempted = {"preempted_at": 40, "metrics": {"val/loss": 1.0}}
+    assert search.finish_trial(study, started[0], preempted, -signal.SIGTERM, "val/loss") == "stopped"
+    assert search.finish_trial(study, started[1], {}, -signal.SIGTERM, "val/loss", forwarded=True) == "stopped"
+    assert search.finish_trial(study, started[2], preempted, 75, "val/loss") == "stopped"
+    assert search.finish_trial(study, started[3], {}, -signal.SIGTERM, "val/loss") == "exited -15"
+    states = [t.state.name for t in search.open_study(tmp_path, sweep).trials]
+    assert states == ["RUNNING", "RUNNING", "RUNNING", "FAIL"]  # a RUNNING slot is resumed by its next agent
+    # (test_a_crashed_agent_leaves_the_study_consistent; the requeue: tests/test_slurm.py)
+
+
+def test_the_agent_passes_a_stop_signal_on_and_says_so():
+    """The agent's own SIGTERM (Slurm signals every process of the job) reaches the fit, and the
+    agent knows it passed one on; a child that ends by itself was passed nothing."""
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        started = time.time()
+        assert sw._run_forwarding_signals(sleeper, dict(os.environ)) == (-signal.SIGTERM, True)
+        assert time.time() - started < 30
+    finally:
+        timer.cancel()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # this process's own handler is back
+    assert sw._run_forwarding_signals([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ)) == (3, False)
 
 
 def test_a_planted_journal_link_is_refused(tmp_path):

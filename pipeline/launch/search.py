@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import signal
 import warnings
 from pathlib import Path
 
@@ -282,16 +283,21 @@ def start_trial(study, slot: int, sweep: dict, fixed: dict | None = None, log=pr
     return trial.number, check_params(where, sweep["parameters"], params), False
 
 
-def finish_trial(study, number: int, summary: dict, code: int, metric: str) -> str:
-    """Tell the study how the trial ended; its status for the results. A preempted trial is not
-    told anything: its requeued task resumes it."""
+def finish_trial(study, number: int, summary: dict, code: int, metric: str, forwarded: bool = False) -> str:
+    """Tell the study how the trial ended; its status for the results. A stopped trial is not told
+    anything: its requeued task (or its slot started again) resumes it, and if none ever does, the
+    next agent to ask finds its agent gone (settle_stale). Stopped: the fit exited for a preemption
+    (75, or 0 with preempted_at), or it died while its agent was passing on a stop signal, or of
+    SIGTERM after its preemption's checkpoint: Slurm's SIGTERM at a requeue can land while the
+    checkpointed fit is still exiting (exit -15)."""
     import optuna
 
     state = optuna.trial.TrialState
     trial = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
     if trial.state != state.RUNNING:
         return trial.state.name.lower()
-    if summary.get("preempted_at") is not None and code in (0, 75):  # 75: pipeline.train.EXIT_PREEMPTED
+    preempted = summary.get("preempted_at") is not None
+    if code == 75 or (preempted and code in (0, -signal.SIGTERM)) or (forwarded and code != 0):  # 75: EXIT_PREEMPTED
         return "stopped"
     value = (summary.get("metrics") or {}).get(metric) if isinstance(summary.get("metrics"), dict) else None
     if code == 0 and summary.get("pruned"):

@@ -446,9 +446,9 @@ def run_trial(out_dir: str | Path, index: int) -> int:
     command = [sys.executable, "-m", "pipeline", "fit", *args]
     print(f"trial {index}{' (resumed)' if resumed else ''}: {shlex.join(command)}", flush=True)
     env = {**_trial_env(), "VAEPIPE_SWEEP_DIR": str(out_dir), "VAEPIPE_SWEEP_TRIAL": str(number)}
-    code = _run_forwarding_signals(command, env)
+    code, forwarded = _run_forwarding_signals(command, env)
     status = search.finish_trial(study, number, _summary(Path(trial["run_dir"]) / "summary.json"), code,
-                                 plan["metric"]["name"])
+                                 plan["metric"]["name"], forwarded)
     print(f"trial {index}: {status}", flush=True)
     try:  # the table and picture as of this trial's end (each array task refreshes them)
         results(out_dir)
@@ -457,17 +457,22 @@ def run_trial(out_dir: str | Path, index: int) -> int:
     return code
 
 
-def _run_forwarding_signals(command: list[str], env: dict) -> int:
+def _run_forwarding_signals(command: list[str], env: dict) -> tuple[int, bool]:
     """The trial's fit as a child, this process staying to tell the study how it ended. Slurm's
     time-limit signal (B:USR1) and SIGTERM reach this process (the batch shell): passed on to the
-    fit, which checkpoints (and requeues the task)."""
+    fit, which checkpoints (and requeues the task). (exit code, whether a signal was passed on)."""
     import signal
 
     child = subprocess.Popen(command, env=env)
-    forward = lambda signum, frame: child.send_signal(signum)  # noqa: E731
+    forwarded = []
+
+    def forward(signum, frame):
+        forwarded.append(signum)
+        child.send_signal(signum)
+
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGUSR1, signal.SIGTERM)}
     try:
-        return child.wait()
+        return child.wait(), bool(forwarded)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
