@@ -207,6 +207,16 @@ class SweepReport(pl.Callback):
         self.folder, self.number, self.metric = folder, number, metric
         self.iteration = 0
         self.pruned: dict | None = None
+        self.study = None  # opened at the first report and kept: the journal storage reads what other agents
+        # appended at each access, so the pruner still compares with every trial's latest reports
+
+    def _open_study(self):
+        if self.study is None:
+            from pipeline.launch.search import open_study
+            from pipeline.launch.sweep import load_sweep
+
+            self.study = open_study(self.folder, load_sweep(Path(self.folder) / "sweep.yaml", compose=False))
+        return self.study
 
     def on_validation_end(self, trainer, module):
         if trainer.sanity_checking or trainer.state.fn != "fit":
@@ -220,9 +230,10 @@ class SweepReport(pl.Callback):
                 try:
                     from pipeline.launch.search import report
 
-                    if report(self.folder, self.number, value, self.iteration):
+                    if report(self.folder, self.number, value, self.iteration, study=self._open_study()):
                         decision = {"iteration": self.iteration, "step": trainer.global_step, "value": value}
                 except Exception as err:  # noqa: BLE001 - the study's bookkeeping must never end the training
+                    self.study = None  # opened again at the next validation
                     rank_zero_info(f"sweep: could not report validation {self.iteration} to the study "
                                    f"({type(err).__name__}: {err}); training goes on")
         self.pruned = trainer.strategy.broadcast(decision, src=0)  # every rank: the same stop, the same summary

@@ -31,6 +31,7 @@ class ModelConfig:
     learn_sigma: bool = False
     arch: str = "conv"  # conv | resnet (square images 16-256 px, power of two, or 28) | mlp
     latent_dim: int = 10  # the top (prior's) stochastic layer
+    latent_grid: int = 0  # conv/resnet: 0 = latent_dim as a vector (linear heads); G = a G x G map of latent_dim / G^2 channels (3x3 conv heads)
     stochastic_layers: int = 1  # 1 | 2 (the IWAE paper's second model, arch mlp: x - hidden - latent1_dim - hidden2 - latent_dim)
     latent1_dim: int = 100  # two stochastic layers: the middle layer z1
     hidden2: list[int] = field(default_factory=lambda: [100, 100])  # two stochastic layers: widths between z1 and z2
@@ -264,6 +265,9 @@ def validate(cfg: DictConfig) -> None:
     if m.arch != "resnet" and (m.res_blocks != 1 or m.norm not in ("auto", "none")):
         raise ConfigError(f"model.res_blocks={m.res_blocks} and model.norm={m.norm} are the ResNet's "
                           f"(model.arch=resnet); model.arch={m.arch} has no residual blocks")
+    if m.latent_grid and (m.arch not in ("conv", "resnet") or m.stochastic_layers != 1):
+        raise ConfigError(f"model.latent_grid={m.latent_grid} is a map of latents for model.arch=conv or resnet "
+                          f"with one stochastic layer; model.arch={m.arch} takes a vector (model.latent_grid=0)")
     if m.mixtures > 1 and m.likelihood != "discretized_logistic":
         raise ConfigError(f"model.mixtures={m.mixtures} is a mixture of discretised logistics: use "
                           f"model.likelihood=discretized_logistic (or model.mixtures=1)")

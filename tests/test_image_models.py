@@ -111,6 +111,75 @@ def test_group_norm_takes_any_width():
     assert torch.isfinite(vae.objective(torch.rand(2, 3, 16, 16))[0]["loss"])
 
 
+@pytest.mark.parametrize("arch", ["conv", "resnet"])
+def test_a_latent_grid_is_a_map_of_codes(arch):
+    """model.latent_grid=G: the stages stop at G x G and the codes are a G x G map of latent_dim / G^2
+    channels, flattened channel-major to the same [B, latent_dim] the prior, the bounds and the
+    pictures use; the decoder starts from that map. Gradients reach every parameter."""
+    torch.manual_seed(0)
+    vae = VAE((3, 32, 32), arch=arch, latent_dim=128, latent_grid=8, conv_channels=[8, 16],
+              likelihood="discretized_logistic", mixtures=2)
+    convs = [m for m in vae.encoder.conv if isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2)]
+    assert len(convs) == 2  # 32 -> 16 -> 8
+    head = vae.encoder.head[0]
+    assert isinstance(head, torch.nn.Conv2d) and head.out_channels == 2 * 2  # mu and logvar: 2 channels each
+    x = torch.randint(0, 256, (3, 3, 32, 32)) / 255.0
+    mu, logvar = vae.encode(x)
+    assert mu.shape == logvar.shape == (3, 128)
+    assert vae.decode(torch.randn(5, 3, 128)).shape == (5, 3, 2 * (1 + 2 * 3 + 3), 32, 32)
+    vae.objective(x, k=2)[0]["loss"].backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in vae.parameters())
+
+
+def test_a_latent_grid_code_describes_its_own_patch():
+    """In the conv pair a code of the grid sees only its patch's neighbourhood (receptive field 18 px):
+    repainting the top-left 8 x 8 pixels changes the top-left codes and leaves the bottom-right ones
+    exactly as they were (a latent vector through a linear head would change them all), and a
+    bottom-right code moves only the bottom-right of the decoder's output."""
+    torch.manual_seed(0)
+    vae = VAE((3, 32, 32), arch="conv", latent_dim=64, latent_grid=8, conv_channels=[8, 16],
+              likelihood="discretized_logistic").eval()
+    x = torch.rand(1, 3, 32, 32)
+    y = x.clone()
+    y[..., :8, :8] = torch.rand(1, 3, 8, 8)
+    before, after = (vae.encode(t)[0].reshape(1, 1, 8, 8) for t in (x, y))
+    assert torch.equal(before[..., 5:, 5:], after[..., 5:, 5:])
+    assert not torch.allclose(before[..., :2, :2], after[..., :2, :2])
+    z = torch.zeros(1, 64)
+    moved = z.clone()
+    moved[0, 63] = 3.0  # the code of the bottom-right cell (7, 7)
+    change = (vae.decode(moved) - vae.decode(z)).abs().sum(dim=(0, 1))  # [32, 32]
+    assert change[20:, 20:].sum() > 0 and change[:16, :].sum() == 0 and change[:, :16].sum() == 0
+
+
+def test_a_latent_grid_that_does_not_fit_is_one_clear_error():
+    with pytest.raises(ValueError, match=r"model.latent_grid=8: .*divides model.latent_dim=100"):
+        VAE((3, 32, 32), arch="conv", latent_dim=100, latent_grid=8)
+    with pytest.raises(ValueError, match=r"model.latent_grid=32: a spatial latent needs a power of two from 1 to 16"):
+        VAE((3, 32, 32), arch="conv", latent_dim=1024, latent_grid=32)
+    with pytest.raises(ValueError, match=r"3 widths, but 32x32 images take 2 stride-2 stages \(32 -> 8\)"):
+        VAE((3, 32, 32), arch="conv", latent_dim=64, latent_grid=8, conv_channels=[8, 16, 32])
+    with pytest.raises(ConfigError, match="model.latent_grid=4 is a map of latents"):
+        load_config(overrides=["model.arch=mlp", "model.latent_grid=4"])
+
+
+@pytest.mark.parametrize("files", [["vae_cifar10.yaml"], ["vae_cifar10.yaml", "vae_cifar10_resnet.yaml"],
+                                   ["vae_celeba64.yaml"]])
+def test_the_shipped_image_configs_build_and_train_a_step(files):
+    """The real composed configs' networks build at their data's size (the widths fit the stages and
+    the latent grid) and give a finite loss and finite gradients (their training: docs/results.md)."""
+    from pipeline.models.components.vae import build_vae
+    from tests.conftest import ROOT
+
+    cfg = load_config([ROOT / "configs" / f for f in files])
+    side = 64 if "celeba" in files[0] else 32
+    torch.manual_seed(0)
+    vae = build_vae(cfg.model, (3, side, side))
+    terms = vae.objective(torch.randint(0, 256, (2, 3, side, side)) / 255.0, k=1)[0]
+    terms["loss"].backward()
+    assert torch.isfinite(terms["loss"]) and all(torch.isfinite(p.grad).all() for p in vae.parameters())
+
+
 def test_eval_chunk_sizes():
     """vaepipe eval's samples per pass: the same as before for the existing models (5000 decoder rows
     on CPU, 500 samples on a GPU), fewer for a large likelihood (CIFAR-10's 100 numbers per pixel)."""
@@ -122,13 +191,15 @@ def test_eval_chunk_sizes():
     assert default_chunk(100, cpu, 100 * 32 * 32) == 4 and default_chunk(100, gpu, 100 * 32 * 32) == 78
 
 
-@pytest.mark.parametrize("arch, norm", [("conv", "none"), ("resnet", "none"), ("resnet", "group")])
-def test_log_weights_do_not_couple_samples_or_examples(arch, norm):
+@pytest.mark.parametrize("arch, norm, grid", [("conv", "none", 0), ("resnet", "none", 0), ("resnet", "group", 0),
+                                             ("conv", "none", 2), ("resnet", "group", 2)])
+def test_log_weights_do_not_couple_samples_or_examples(arch, norm, grid):
     """Each importance log-weight is a function of its own (x, z) only: the same numbers for an example
     evaluated alone, in a batch, or among more samples (batch statistics would break this, and with it
     the IWAE bound of one fixed model). Tolerance 1e-3 nats of ~2000: float32 summation order."""
     torch.manual_seed(0)
-    vae = VAE((3, 16, 16), arch=arch, norm=norm, likelihood="discretized_logistic", mixtures=2, **SMALL).eval()
+    vae = VAE((3, 16, 16), arch=arch, norm=norm, likelihood="discretized_logistic", mixtures=2, latent_grid=grid,
+              **SMALL).eval()
     for p in vae.parameters():  # zero-initialised residual branches would hide a coupling
         torch.nn.init.normal_(p, std=0.1)
     x = torch.randint(0, 256, (4, 3, 16, 16)) / 255.0

@@ -49,6 +49,41 @@ def test_trial_commands_carry_the_out_folder_and_names_exactly(tmp_path, name):
         assert cfg.model.latent_dim == t["params"]["model.latent_dim"] and cfg.trainer.max_epochs == 2
 
 
+def test_more_trials_than_a_grid_has_points_is_said(tmp_path, capsys):
+    spec = write_sweep(tmp_path / "s.yaml", {**LATENT, "method": "grid"})
+    plan = sw.plan_local(spec, tmp_path / "sweep", 5, 0, [])
+    assert [t["params"]["model.latent_dim"] for t in plan["trials"]] == [2, 3]
+    assert "has 2 points: --trials 5 runs each once" in capsys.readouterr().err
+    sw.plan_local(spec, tmp_path / "sweep2", 2, 0, [])
+    assert capsys.readouterr().err == ""
+
+
+def test_a_sweep_folder_with_a_study_continues_extends_or_refuses(tmp_path, capsys):
+    """The same sweep again continues its study; more --trials extend it (the trials so far keep
+    their points and folders); another seed, other overrides, fewer trials or an edited sweep file
+    would mix two studies in one journal: refused, naming the folder, the plan left as it was."""
+    from pipeline.launch import search
+
+    spec = write_sweep(tmp_path / "s.yaml", {"method": "random", "parameters": {"model.latent_dim": {"min": 2, "max": 50}}})
+    out = tmp_path / "sweep"
+    first = sw.plan_local(spec, out, 2, 7, ["trainer.max_epochs=2"])
+    search.open_study(out, sw.load_sweep(out / "sweep.yaml", compose=False))  # the study's journal now exists
+    assert sw.plan_local(spec, out, 2, 7, ["trainer.max_epochs=2"]) == first
+    longer = sw.plan_local(spec, out, 4, 7, ["trainer.max_epochs=2"])
+    assert "trials extended to 4" in capsys.readouterr().err
+    stored = sw.read_plan(out)
+    assert len(stored["trials"]) == 4 and stored["trials"][:2] == json.loads(json.dumps(first["trials"]))
+    assert longer["trials"][:2] == first["trials"]
+    for trials, seed, extra in ((3, 7, ["trainer.max_epochs=2"]), (4, 8, ["trainer.max_epochs=2"]),
+                                (4, 7, ["trainer.max_epochs=3"])):
+        with pytest.raises(FileExistsError, match=f"{out} holds the study of another sweep"):
+            sw.plan_local(spec, out, trials, seed, extra)
+    spec.write_text(spec.read_text().replace("max: 50", "max: 60"))
+    with pytest.raises(FileExistsError, match="holds the study of another sweep"):
+        sw.plan_local(spec, out, 4, 7, ["trainer.max_epochs=2"])
+    assert sw.read_plan(out) == stored
+
+
 def test_the_job_arrays_folder_is_the_one_given(tmp_path):
     # the array job's folder (its config and logs) too: ':' and '=' are fine in an #SBATCH line
     out = tmp_path / "a:b=c"

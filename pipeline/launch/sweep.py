@@ -276,7 +276,10 @@ def plan_local(path: str | Path, out_dir: str | Path, trials: int | None, seed: 
     sweep = load_sweep(path)
     name = Path(path).stem
     rows = []
-    for i, params in enumerate(draw(sweep, trials, seed)):
+    points = draw(sweep, trials, seed)
+    if trials is not None and len(points) < trials:
+        print(f"note: the grid of {path} has {len(points)} points: --trials {trials} runs each once", file=sys.stderr)
+    for i, params in enumerate(points):
         # absolute, as the command has it: `sweep results` may run from another folder
         run_dir = (Path(out_dir) / f"trial-{i:03d}").resolve()
         command = trial_command(sweep, params, extra, name, i, run_dir) if params is not None else None
@@ -288,14 +291,22 @@ def plan_local(path: str | Path, out_dir: str | Path, trials: int | None, seed: 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if (out_dir / JOURNAL).exists():  # the same sweep again continues it; another one would mix two studies
+        new = json.loads(json.dumps(plan, default=str))
         try:
-            same = read_plan(out_dir) == json.loads(json.dumps(plan, default=str)) and \
-                (out_dir / "sweep.yaml").read_text() == Path(path).read_text()
+            old = read_plan(out_dir)
+            same_sweep = (out_dir / "sweep.yaml").read_text() == Path(path).read_text() and \
+                {k: v for k, v in old.items() if k != "trials"} == {k: v for k, v in new.items() if k != "trials"}
         except (ConfigError, OSError):
-            same = False
-        if not same:
-            raise FileExistsError(f"{out_dir} holds the study of another sweep (or other --trials/--seed/overrides); "
-                                  f"`vaepipe sweep results {out_dir}` shows it: choose another --out")
+            old, same_sweep = {}, False
+        # more --trials extend it: the trials so far are the first ones of the longer plan (random draws
+        # in order from the seed; bayes asks the study), so each keeps its point and folder
+        extends = same_sweep and len(new["trials"]) > len(old["trials"]) and new["trials"][:len(old["trials"])] == old["trials"]
+        if not (same_sweep and (new["trials"] == old["trials"] or extends)):
+            raise FileExistsError(f"{out_dir} holds the study of another sweep (or other --seed/overrides, or fewer "
+                                  f"--trials); `vaepipe sweep results {out_dir}` shows it: choose another --out")
+        if extends:
+            write_text(out_dir / "trials.json", json.dumps(plan, indent=1, default=str) + "\n", "sweep plan")
+            print(f"{out_dir}: the sweep's {len(old['trials'])} trials extended to {len(new['trials'])}", file=sys.stderr)
         return plan
     write_text(out_dir / "sweep.yaml", Path(path).read_text(), "sweep file")  # never through a planted link
     write_text(out_dir / "trials.json", json.dumps(plan, indent=1, default=str) + "\n", "sweep plan")
@@ -454,7 +465,7 @@ def run_trial(out_dir: str | Path, index: int) -> int:
         results(out_dir)
     except (ConfigError, OSError, ValueError) as err:
         print(f"results not refreshed ({err}); `vaepipe sweep results {out_dir}` writes them", flush=True)
-    return code
+    return 75 if status == "stopped" else code  # 75: pipeline.train.EXIT_PREEMPTED, whatever signal ended the fit
 
 
 def _run_forwarding_signals(command: list[str], env: dict) -> tuple[int, bool]:

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from pipeline.models.components.conv import BASE, ConvEncoder, crop, image_geometry, stage_widths
+from pipeline.models.components.conv import ConvEncoder, crop, decoder_head, image_geometry, latent_layout, stage_widths
 from pipeline.models.components.mlp import activation
 
 
@@ -51,10 +51,10 @@ def blocks(n: int, channels: int, act: str, norm: str) -> list[nn.Module]:
 
 class ResNetEncoder(ConvEncoder):
     """3x3 stem, then per stage a stride-2 4x4 convolution and residual blocks, down to 4x4; the
-    conv encoder's linear head gives (mu, raw logvar)."""
+    conv encoder's head gives (mu, raw logvar) (model.latent_grid: a map down to G x G)."""
 
     def __init__(self, input_shape: tuple[int, ...], channels: list[int], latent_dim: int, hidden: int = 256,
-                 act: str = "relu", res_blocks: int = 1, norm: str = "none"):
+                 act: str = "relu", res_blocks: int = 1, norm: str = "none", grid: int = 0):
         def stages(c: int, widths: list[int], act: str) -> list[nn.Module]:
             layers: list[nn.Module] = [nn.Conv2d(c, widths[0], 3, padding=1)]
             for c_in, c_out in zip([widths[0], *widths[:-1]], widths):
@@ -62,20 +62,22 @@ class ResNetEncoder(ConvEncoder):
                            *blocks(res_blocks, c_out, act, norm)]
             return [*layers, activation(act)]
 
-        super().__init__(input_shape, channels, latent_dim, hidden, act, stages)
+        super().__init__(input_shape, channels, latent_dim, hidden, act, stages, grid)
 
 
 class ResNetDecoder(nn.Module):
-    """Mirror of ResNetEncoder: linear to 4x4, then per stage residual blocks and a stride-2
-    transposed convolution, and a 3x3 convolution to the likelihood's parameters (`output_shape`)."""
+    """Mirror of ResNetEncoder: linear to 4x4 (or a 3x3 convolution of the latent grid), then per stage
+    residual blocks and a stride-2 transposed convolution, and a 3x3 convolution to the likelihood's
+    parameters (`output_shape`)."""
 
     def __init__(self, input_shape: tuple[int, ...], channels: list[int], latent_dim: int, hidden: int = 256,
-                 act: str = "relu", res_blocks: int = 1, norm: str = "none", output_shape: tuple[int, ...] | None = None):
+                 act: str = "relu", res_blocks: int = 1, norm: str = "none", output_shape: tuple[int, ...] | None = None,
+                 grid: int = 0):
         super().__init__()
         self.output_shape = tuple(output_shape or input_shape)
         _, side, self.pad = image_geometry(input_shape)
-        rev = list(reversed(stage_widths(channels, side, self.pad)))
-        self.head = nn.Sequential(nn.Linear(latent_dim, hidden), activation(act), nn.Linear(hidden, rev[0] * BASE * BASE))
+        rev = list(reversed(stage_widths(channels, side, self.pad, latent_layout(latent_dim, grid, side)[0])))
+        self.head = decoder_head(latent_dim, grid, side, hidden, rev[0], act)
         layers: list[nn.Module] = []
         for c_in, c_out in zip(rev, [*rev[1:], rev[-1]]):
             layers += [*blocks(res_blocks, c_in, act, norm), activation(act),
@@ -83,9 +85,8 @@ class ResNetDecoder(nn.Module):
         layers += [norm_layer(norm, rev[-1]), activation(act),
                    nn.Conv2d(rev[-1], image_geometry(self.output_shape)[0], 3, padding=1)]
         self.deconv = nn.Sequential(*layers)
-        self.first = rev[0]
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         lead = z.shape[:-1]
-        h = self.head(z.reshape(-1, z.shape[-1])).reshape(-1, self.first, BASE, BASE)
+        h = self.head(z.reshape(-1, z.shape[-1]))
         return crop(self.deconv(h), self.pad).reshape(*lead, *self.output_shape)

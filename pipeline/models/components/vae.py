@@ -29,7 +29,8 @@ class VAE(nn.Module):
     def __init__(self, input_shape: tuple[int, ...], *, arch: str = "mlp", latent_dim: int = 50,
                  hidden: list[int] = (200, 200), activation: str = "tanh", conv_channels: list[int] = (),
                  conv_hidden: int = 256, likelihood: str = "bernoulli", sigma: float = 1.0, learn_sigma: bool = False,
-                 init: str = "torch", mixtures: int = 1, res_blocks: int = 1, norm: str = "auto"):
+                 init: str = "torch", mixtures: int = 1, res_blocks: int = 1, norm: str = "auto",
+                 latent_grid: int = 0):
         super().__init__()
         self.input_shape = tuple(input_shape)
         self.latent_dim = latent_dim
@@ -40,14 +41,16 @@ class VAE(nn.Module):
             self.encoder = MLPEncoder(self.input_shape, list(hidden), latent_dim, activation)
             self.decoder = MLPDecoder(out, list(hidden)[::-1], latent_dim, activation)
         elif arch == "conv":
-            self.encoder = ConvEncoder(self.input_shape, list(conv_channels), latent_dim, conv_hidden, activation)
-            self.decoder = ConvDecoder(self.input_shape, list(conv_channels), latent_dim, conv_hidden, activation, out)
+            self.encoder = ConvEncoder(self.input_shape, list(conv_channels), latent_dim, conv_hidden, activation,
+                                       grid=latent_grid)
+            self.decoder = ConvDecoder(self.input_shape, list(conv_channels), latent_dim, conv_hidden, activation, out,
+                                       grid=latent_grid)
         elif arch == "resnet":
             norm = "group" if norm == "auto" else norm  # without it the ResNet VAE collapsed (docs/images.md)
             self.encoder = ResNetEncoder(self.input_shape, list(conv_channels), latent_dim, conv_hidden, activation,
-                                         res_blocks, norm)
+                                         res_blocks, norm, latent_grid)
             self.decoder = ResNetDecoder(self.input_shape, list(conv_channels), latent_dim, conv_hidden, activation,
-                                         res_blocks, norm, out)
+                                         res_blocks, norm, out, latent_grid)
         else:
             raise ValueError(f"model.arch must be 'mlp', 'conv' or 'resnet', got {arch!r}")
         if init == "iwae":
@@ -244,4 +247,4 @@ def build_vae(model_cfg, input_shape: tuple[int, ...]) -> VAE:
                activation=model_cfg.activation, conv_channels=list(model_cfg.conv_channels),
                conv_hidden=model_cfg.conv_hidden, likelihood=model_cfg.likelihood, sigma=model_cfg.sigma,
                learn_sigma=model_cfg.learn_sigma, init=model_cfg.init, mixtures=model_cfg.mixtures,
-               res_blocks=model_cfg.res_blocks, norm=model_cfg.norm)
+               res_blocks=model_cfg.res_blocks, norm=model_cfg.norm, latent_grid=model_cfg.latent_grid)
