@@ -1,11 +1,12 @@
 """Speed and memory of the image models (issue 28), the step demand a loader must meet.
 
-For each image side (RGB) and model of configs/vae_cifar10*.yaml (their stage widths repeat the last
-one at larger sides): training samples/s at batch 64 (forward, backward, Adam), evaluation
+For each image side (RGB) and model of configs/vae_cifar10*.yaml (an 8x8 latent map; their stage
+widths repeat the last one at larger sides; and their earlier 128-vector models): training samples/s at batch 64 (forward, backward, Adam), evaluation
 importance samples/s (log-weights, no gradient; `vaepipe eval`'s inner loop at its default chunk),
 and the peak resident memory of the process above its size after imports. Each row runs in its
 own process (peak memory is per process). The likelihood's cost shows in the conv rows with M = 1
 (the IAF paper's logistic) against M = 10 (PixelCNN++'s mixture).
+The ResNet is built with GroupNorm (model.norm=auto, its default).
 
     python bench/image_models.py                      # 32, 64, 128 px (~4 min on 2 cores)
     python bench/image_models.py --sizes 32 --device cuda
@@ -24,12 +25,16 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = {  # name: VAE keyword arguments (the configs' models)
-    "conv, logistic M=10": dict(arch="conv", conv_channels=[64, 128, 256], mixtures=10),
-    "conv, logistic M=1": dict(arch="conv", conv_channels=[64, 128, 256], mixtures=1),
-    "resnet, logistic M=10": dict(arch="resnet", conv_channels=[64, 128, 256], res_blocks=1, mixtures=10),
+GRID = dict(conv_channels=[64, 128], latent_grid=8, latent_dim=512)  # configs/vae_cifar10*.yaml: an 8x8x8 latent map
+VECTOR = dict(conv_channels=[64, 128, 256], latent_dim=128, conv_hidden=512)  # their models before 2026-12-07
+MODELS = {  # name: VAE keyword arguments
+    "conv, map, M=10": dict(arch="conv", **GRID, mixtures=10),
+    "resnet, map, M=10": dict(arch="resnet", **GRID, res_blocks=1, mixtures=10),
+    "conv, vector, M=10": dict(arch="conv", **VECTOR, mixtures=10),
+    "conv, vector, M=1": dict(arch="conv", **VECTOR, mixtures=1),
+    "resnet, vector, M=10": dict(arch="resnet", **VECTOR, res_blocks=1, mixtures=10),
 }
-COMMON = dict(latent_dim=128, conv_hidden=512, activation="elu", likelihood="discretized_logistic")
+COMMON = dict(activation="elu", likelihood="discretized_logistic")
 
 
 def build(size: int, model: str, device: str):

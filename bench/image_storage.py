@@ -100,7 +100,7 @@ def step_demand(size: int, device: str = "cpu") -> float:
     sys.path.insert(0, str(ROOT / "bench"))
     from image_models import build, train_rate
 
-    return train_rate(build(size, "conv, logistic M=10", device), size, device)
+    return train_rate(build(size, "conv, map, M=10", device), size, device)
 
 
 def main() -> None:

@@ -210,6 +210,8 @@ def check_resume_settings(cfg: DictConfig, checkpoint: dict, path: str) -> None:
             flat["model.norm"] = "group" if flat.get("model.arch") == "resnet" else "none"
         if flat.get("model.arch") not in ("resnet", None):
             flat.pop("model.norm", None)
+        if "model.arch" in flat:  # runs from before model.latent_grid had a latent vector
+            flat.setdefault("model.latent_grid", 0)
     fixed = FIXED_ON_RESUME + (("trainer.max_steps", "trainer.max_epochs") if cfg.optim.scheduler == "cosine" else ())
     # (a cosine schedule decays over the run's length: a longer run would jump back up the curve)
     differ = [k for k in mine if k in theirs and mine[k] != theirs[k] and k.startswith(fixed)

@@ -103,6 +103,22 @@ def test_runs_from_before_the_norm_default_still_resume():
             check_resume_settings(cfg, checkpoint, "old.ckpt")
 
 
+def test_a_run_from_before_latent_grid_is_not_resumed_with_a_map():
+    """A checkpoint written before model.latent_grid (no such key: a latent vector) resumes as a
+    vector and is refused, naming the setting, under the CIFAR-10 config's 8 x 8 map (not a size
+    mismatch deep in load_state_dict)."""
+    from pipeline.errors import ResumeError
+    from pipeline.train import check_resume_settings
+
+    cfg = load_config(overrides=["data.name=sprites", "model.arch=conv"])
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    del saved["model"]["latent_grid"]
+    check_resume_settings(cfg, {"hyper_parameters": {"config": saved}}, "old.ckpt")
+    grid = load_config(overrides=["data.name=sprites", "model.arch=conv", "model.latent_grid=2", "model.latent_dim=8"])
+    with pytest.raises(ResumeError, match=r"model.latent_grid=0.*this command sets.*model.latent_grid=2"):
+        check_resume_settings(grid, {"hyper_parameters": {"config": saved}}, "old.ckpt")
+
+
 def test_group_norm_takes_any_width():
     """GroupNorm's groups divide the width (gcd with 32): 200 and 50 channels work."""
     vae = VAE((3, 16, 16), arch="resnet", norm="group", conv_channels=[200, 50], latent_dim=2, conv_hidden=8)
