@@ -426,7 +426,17 @@ def _fit(cfg: DictConfig) -> dict:
     if not is_primary_process():  # the primary process holds the run folder for every rank
         return _train(cfg, run_dir, t0)
     with RunFolderLock(run_dir, "fit"):  # one writer per run folder; refused at once if another holds it
-        return _train(cfg, run_dir, t0)
+        result = _train(cfg, run_dir, t0)
+    requeue_if_preempted(cfg, result)
+    return result
+
+
+def requeue_if_preempted(cfg: DictConfig, result: dict) -> None:
+    """Under Slurm, rank 0 puts a preempted job back in the queue (same job id: same run folder) as
+    the run's very last act: the requeue makes Slurm SIGTERM every process of the job, which must
+    find the summary, wandb's finish and the run folder's lock already done with."""
+    if result.get("preempted_at") is not None and cfg.slurm.requeue and "SLURM_JOB_ID" in os.environ:
+        requeue_self()
 
 
 def sweep_trial_report() -> SweepReport | None:
@@ -500,11 +510,9 @@ def _train(cfg: DictConfig, run_dir: Path, t0: float) -> dict:
             trainer.test(module, datamodule=datamodule, verbose=False)  # the final weights: test/* metrics
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     except Preempted:
+        # The checkpoint is saved on every rank's behalf; the summary, wandb's finish and, under
+        # Slurm, the requeue follow (requeue_if_preempted), else the exit code EXIT_PREEMPTED.
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        # The checkpoint is saved on every rank's behalf; under Slurm rank 0 puts the job back in the
-        # queue (same job id: same run folder), otherwise report below and exit with EXIT_PREEMPTED.
-        if cfg.slurm.requeue and trainer.is_global_zero and "SLURM_JOB_ID" in os.environ:
-            requeue_self()
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # no stray 'terminate called' at exit
