@@ -265,9 +265,10 @@ def validate(cfg: DictConfig) -> None:
     if m.arch != "resnet" and (m.res_blocks != 1 or m.norm not in ("auto", "none")):
         raise ConfigError(f"model.res_blocks={m.res_blocks} and model.norm={m.norm} are the ResNet's "
                           f"(model.arch=resnet); model.arch={m.arch} has no residual blocks")
-    if m.latent_grid and (m.arch not in ("conv", "resnet") or m.stochastic_layers != 1):
-        raise ConfigError(f"model.latent_grid={m.latent_grid} is a map of latents for model.arch=conv or resnet "
-                          f"with one stochastic layer; model.arch={m.arch} takes a vector (model.latent_grid=0)")
+    if m.latent_grid and (m.family != "vae" or m.arch not in ("conv", "resnet") or m.stochastic_layers != 1):
+        raise ConfigError(f"model.latent_grid={m.latent_grid} is a map of latents for model.family=vae, model.arch=conv "
+                          f"or resnet, one stochastic layer (got {m.family}, {m.arch}, {m.stochastic_layers}): "
+                          "use model.latent_grid=0")
     if m.mixtures > 1 and m.likelihood != "discretized_logistic":
         raise ConfigError(f"model.mixtures={m.mixtures} is a mixture of discretised logistics: use "
                           f"model.likelihood=discretized_logistic (or model.mixtures=1)")

@@ -425,17 +425,20 @@ def _fit(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     if not is_primary_process():  # the primary process holds the run folder for every rank
         return _train(cfg, run_dir, t0)
-    with RunFolderLock(run_dir, "fit"):  # one writer per run folder; refused at once if another holds it
-        result = _train(cfg, run_dir, t0)
-    requeue_if_preempted(cfg, result)
-    return result
+    preempted: dict = {}  # filled by _train at a preemption checkpoint, whatever happens after it
+    try:
+        with RunFolderLock(run_dir, "fit"):  # one writer per run folder; refused at once if another holds it
+            return _train(cfg, run_dir, t0, preempted)
+    finally:
+        requeue_if_preempted(cfg, preempted)
 
 
-def requeue_if_preempted(cfg: DictConfig, result: dict) -> None:
+def requeue_if_preempted(cfg: DictConfig, preempted: dict) -> None:
     """Under Slurm, rank 0 puts a preempted job back in the queue (same job id: same run folder) as
-    the run's very last act: the requeue makes Slurm SIGTERM every process of the job, which must
-    find the summary, wandb's finish and the run folder's lock already done with."""
-    if result.get("preempted_at") is not None and cfg.slurm.requeue and "SLURM_JOB_ID" in os.environ:
+    the run's very last act, also when writing the summary failed after the checkpoint: the requeue
+    makes Slurm SIGTERM every process of the job, which must find the summary, wandb's finish and
+    the run folder's lock already done with."""
+    if preempted.get("step") is not None and cfg.slurm.requeue and "SLURM_JOB_ID" in os.environ:
         requeue_self()
 
 
@@ -451,7 +454,7 @@ def sweep_trial_report() -> SweepReport | None:
     return SweepReport(folder, int(number), metric)
 
 
-def _train(cfg: DictConfig, run_dir: Path, t0: float) -> dict:
+def _train(cfg: DictConfig, run_dir: Path, t0: float, preempted: dict | None = None) -> dict:
     primary_log = print if is_primary_process() else (lambda *_: None)
     if is_primary_process():
         for tmp in remove_stale_temporaries(run_dir / "checkpoints"):
@@ -513,6 +516,8 @@ def _train(cfg: DictConfig, run_dir: Path, t0: float) -> dict:
         # The checkpoint is saved on every rank's behalf; the summary, wandb's finish and, under
         # Slurm, the requeue follow (requeue_if_preempted), else the exit code EXIT_PREEMPTED.
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if preempted is not None:
+            preempted["step"] = preemption.stopped_at
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # no stray 'terminate called' at exit

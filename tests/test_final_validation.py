@@ -4,6 +4,7 @@ twice, and never after a stop signal (that path must stay fast)."""
 
 import csv
 import json
+import os
 
 from pipeline.launch import sweep as sw
 from tests.conftest import FAST, vaepipe
@@ -86,3 +87,37 @@ def test_sweep_table_says_why_a_metric_is_missing(tmp_path):
     rows = sw.results(tmp_path)
     assert [r["trial"] for r in rows] == [2, 0, 1]  # best first, the one without a value last
     assert rows[-1]["status"] == "metric val/loss never logged" and rows[0]["status"] == "done"
+
+
+def test_a_preempted_slurm_run_requeues_as_its_very_last_act(sprites_root, tmp_path):
+    """Under Slurm (SLURM_JOB_ID) rank 0 requeues a preempted job only after summary.json, wandb's
+    finish and the run folder's lock are done with: the requeue makes Slurm SIGTERM every process
+    of the job at once (a sweep trial died of it while still exiting). Also when the summary cannot
+    be written: the checkpoint is there, so the job still goes back in the queue. `scontrol` here is
+    a script on PATH that records what the run folder held when it was called (the real requeue:
+    tests/test_slurm.py)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    seen = tmp_path / "seen.txt"
+    (bin_dir / "scontrol").write_text(
+        f'#!/bin/sh\necho "$@ | summary: $(test -f "$RUN/summary.json" && echo yes || echo no)'
+        f' | lock: $(test -e "$RUN/.vaepipe-run.lock" && echo held || echo free)" >> {seen}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    for case in ("plain", "summary unwritable"):
+        run_dir = tmp_path / case.replace(" ", "_")
+        if case != "plain":
+            (run_dir / "summary.json").mkdir(parents=True)  # a folder in its place: the summary's write fails
+        proc = vaepipe("fit", f"data.root={sprites_root}", f"run.dir={run_dir}", "trainer.max_steps=16",
+                       "trainer.steps_per_call=4", *RUN, check=False,
+                       env={"VAEPIPE_FAULT": "8:USR1", "SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": None,
+                            "RUN": str(run_dir), "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+        # 75: stopped, run the same command to resume; a summary in a folder's place is an error (2)
+        assert proc.returncode == (75 if case == "plain" else 2), proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+        assert "SIGUSR1: checkpoint of step 8" in proc.stderr and "requeue of job 4242: done" in proc.stdout
+        if case == "plain":  # the run's report first (the same stream), the requeue last
+            assert proc.stdout.index("requeue of job 4242: done") > proc.stdout.index("stopped by signal at step 8")
+        else:
+            assert "Is a directory" in proc.stderr and "summary.json" in proc.stderr, proc.stderr[-2000:]
+    assert seen.read_text().splitlines() == ["requeue 4242 | summary: yes | lock: free",
+                                             "requeue 4242 | summary: no | lock: free"]

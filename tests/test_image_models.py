@@ -153,19 +153,21 @@ def test_a_latent_grid_code_describes_its_own_patch():
     exactly as they were (a latent vector through a linear head would change them all), and a
     bottom-right code moves only the bottom-right of the decoder's output."""
     torch.manual_seed(0)
-    vae = VAE((3, 32, 32), arch="conv", latent_dim=64, latent_grid=8, conv_channels=[8, 16],
+    vae = VAE((3, 32, 32), arch="conv", latent_dim=128, latent_grid=8, conv_channels=[8, 16],
               likelihood="discretized_logistic").eval()
     x = torch.rand(1, 3, 32, 32)
     y = x.clone()
     y[..., :8, :8] = torch.rand(1, 3, 8, 8)
-    before, after = (vae.encode(t)[0].reshape(1, 1, 8, 8) for t in (x, y))
-    assert torch.equal(before[..., 5:, 5:], after[..., 5:, 5:])
-    assert not torch.allclose(before[..., :2, :2], after[..., :2, :2])
-    z = torch.zeros(1, 64)
-    moved = z.clone()
-    moved[0, 63] = 3.0  # the code of the bottom-right cell (7, 7)
-    change = (vae.decode(moved) - vae.decode(z)).abs().sum(dim=(0, 1))  # [32, 32]
-    assert change[20:, 20:].sum() > 0 and change[:16, :].sum() == 0 and change[:, :16].sum() == 0
+    for part in (0, 1):  # mu, then logvar: each [1, 128] = 2 channels x 8 x 8, channel-major
+        before, after = (vae.encode(t)[part].reshape(1, 2, 8, 8) for t in (x, y))
+        assert torch.equal(before[..., 5:, 5:], after[..., 5:, 5:])
+        assert all(not torch.allclose(before[0, c, :2, :2], after[0, c, :2, :2]) for c in (0, 1))
+    z = torch.zeros(1, 128)
+    for index in (63, 127):  # the bottom-right cell (7, 7) of channel 0, then of channel 1
+        moved = z.clone()
+        moved[0, index] = 3.0
+        change = (vae.decode(moved) - vae.decode(z)).abs().sum(dim=(0, 1))  # [32, 32]
+        assert change[20:, 20:].sum() > 0 and change[:16, :].sum() == 0 and change[:, :16].sum() == 0
 
 
 def test_a_latent_grid_that_does_not_fit_is_one_clear_error():

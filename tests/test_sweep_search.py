@@ -295,17 +295,22 @@ def test_a_fit_ended_by_the_stop_signal_is_left_to_be_resumed(tmp_path):
     checkpointed fit is still exiting: the fit dies of it (-15). That trial was stopped, not failed:
     its requeued task resumes it (a Slurm run of test_slurm.py ended it `failed (exited -15)` and
     the requeued task then refused to run it). A death without a stop signal still fails."""
-    sweep = write_sweep(tmp_path, method="grid", parameters={"model.latent_dim": {"values": [2, 3, 4, 5]}})
-    study = search.open_study(tmp_path, sweep, 0, 0, 4)
-    started = [search.start_trial(search.open_study(tmp_path, sweep, 0, slot, 4), slot, sweep,
-                                  fixed={"model.latent_dim": slot + 2})[0] for slot in range(4)]
+    values = list(range(2, 9))
+    sweep = write_sweep(tmp_path, method="grid", parameters={"model.latent_dim": {"values": values}})
+    study = search.open_study(tmp_path, sweep, 0, 0, len(values))
+    started = [search.start_trial(search.open_study(tmp_path, sweep, 0, slot, len(values)), slot, sweep,
+                                  fixed={"model.latent_dim": v})[0] for slot, v in enumerate(values)]
     preempted = {"preempted_at": 40, "metrics": {"val/loss": 1.0}}
-    assert search.finish_trial(study, started[0], preempted, -signal.SIGTERM, "val/loss") == "stopped"
-    assert search.finish_trial(study, started[1], {}, -signal.SIGTERM, "val/loss", forwarded=True) == "stopped"
-    assert search.finish_trial(study, started[2], preempted, 75, "val/loss") == "stopped"
-    assert search.finish_trial(study, started[3], {}, -signal.SIGTERM, "val/loss") == "exited -15"
+    term = signal.SIGTERM
+    ends = [(preempted, -term, False), (preempted, 128 + term, False),  # SIGTERM as Popen / as srun report it
+            ({}, -term, True), (preempted, 75, False),  # killed while its agent forwarded; EXIT_PREEMPTED
+            ({}, -term, False), ({}, 75, False), ({}, 1, False)]  # no preemption, no stop signal: failed
+    got = [search.finish_trial(study, n, summary, code, "val/loss", forwarded=fwd)
+           for n, (summary, code, fwd) in zip(started, ends)]
+    # 75 without a preemption's summary: a write failure's exit (EXIT_RETRYABLE), failed, not resumed forever
+    assert got == ["stopped"] * 4 + ["exited -15", "exited 75", "exited 1"]
     states = [t.state.name for t in search.open_study(tmp_path, sweep).trials]
-    assert states == ["RUNNING", "RUNNING", "RUNNING", "FAIL"]  # a RUNNING slot is resumed by its next agent
+    assert states == ["RUNNING"] * 4 + ["FAIL"] * 3  # a RUNNING slot is resumed by its next agent
     # (test_a_crashed_agent_leaves_the_study_consistent; the requeue: tests/test_slurm.py)
 
 
@@ -313,14 +318,24 @@ def test_the_agent_passes_a_stop_signal_on_and_says_so():
     """The agent's own SIGTERM (Slurm signals every process of the job) reaches the fit, and the
     agent knows it passed one on; a child that ends by itself was passed nothing."""
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
-    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
-    timer.start()
+    give_up = threading.Event()
+
+    def terminate_the_agent():  # once its handler is in (before it, SIGTERM would end pytest itself)
+        while signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            if give_up.wait(0.05):
+                return
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    sender = threading.Thread(target=terminate_the_agent)
+    sender.start()
     try:
         started = time.time()
         assert sw._run_forwarding_signals(sleeper, dict(os.environ)) == (-signal.SIGTERM, True)
         assert time.time() - started < 30
     finally:
-        timer.cancel()
+        give_up.set()
+        sender.join()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # this process's own handler is back
     assert sw._run_forwarding_signals([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ)) == (3, False)
 

@@ -287,17 +287,19 @@ def finish_trial(study, number: int, summary: dict, code: int, metric: str, forw
     """Tell the study how the trial ended; its status for the results. A stopped trial is not told
     anything: its requeued task (or its slot started again) resumes it, and if none ever does, the
     next agent to ask finds its agent gone (settle_stale). Stopped: the fit exited for a preemption
-    (75, or 0 with preempted_at), or it died while its agent was passing on a stop signal, or of
-    SIGTERM after its preemption's checkpoint: Slurm's SIGTERM at a requeue can land while the
-    checkpointed fit is still exiting (exit -15)."""
+    (75 or 0, with preempted_at in its summary), or it died of SIGTERM after its preemption's
+    checkpoint, or it ended with an error while its agent was passing on a stop signal: Slurm's
+    SIGTERM at a requeue can land while the checkpointed fit is still exiting (exit -15)."""
     import optuna
 
     state = optuna.trial.TrialState
     trial = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
     if trial.state != state.RUNNING:
         return trial.state.name.lower()
+    # 75: EXIT_PREEMPTED (also a write failure's exit: stopped only with the preemption's summary);
+    # -15 / 143: SIGTERM, as Popen / srun report it
     preempted = summary.get("preempted_at") is not None
-    if code == 75 or (preempted and code in (0, -signal.SIGTERM)) or (forwarded and code != 0):  # 75: EXIT_PREEMPTED
+    if (preempted and code in (0, 75, -signal.SIGTERM, 128 + signal.SIGTERM)) or (forwarded and code != 0):
         return "stopped"
     value = (summary.get("metrics") or {}).get(metric) if isinstance(summary.get("metrics"), dict) else None
     if code == 0 and summary.get("pruned"):

@@ -478,8 +478,9 @@ def _run_forwarding_signals(command: list[str], env: dict) -> tuple[int, bool]:
     forwarded = []
 
     def forward(signum, frame):
-        forwarded.append(signum)
-        child.send_signal(signum)
+        if child.returncode is None:  # a signal after the child's end stopped nothing
+            forwarded.append(signum)
+            child.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGUSR1, signal.SIGTERM)}
     try:
