@@ -319,9 +319,10 @@ def test_the_agent_passes_a_stop_signal_on_and_says_so():
     agent knows it passed one on; a child that ends by itself was passed nothing."""
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
     give_up = threading.Event()
+    before = signal.getsignal(signal.SIGTERM)  # the default, or a fit's own handler from an earlier test
 
-    def terminate_the_agent():  # once its handler is in (before it, SIGTERM would end pytest itself)
-        while signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+    def terminate_the_agent():  # once its handler is in (before it, SIGTERM would go to `before`)
+        while signal.getsignal(signal.SIGTERM) is before:
             if give_up.wait(0.05):
                 return
         time.sleep(0.5)
@@ -336,7 +337,7 @@ def test_the_agent_passes_a_stop_signal_on_and_says_so():
     finally:
         give_up.set()
         sender.join()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # this process's own handler is back
+    assert signal.getsignal(signal.SIGTERM) is before  # this process's own handler is back
     assert sw._run_forwarding_signals([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ)) == (3, False)
 
 
